@@ -1,0 +1,1 @@
+"""Shared runtime of every AgentMesh service: settings, server bootstrap, interceptors, clients."""

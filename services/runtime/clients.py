@@ -1,0 +1,79 @@
+"""Typed clients for calls between services.
+
+:class:`Downstream` owns one ``grpc.aio`` channel per dependency and hands out stubs. Callers pass
+``metadata=outgoing_metadata()`` and ``timeout=downstream_timeout(...)`` (from
+:mod:`agentmesh.services.runtime.context`) so each call carries the request id, the tenant and a
+deadline derived from the caller's own.
+"""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from agentmesh.llm.v1 import llm_pb2_grpc
+from agentmesh.memory.v1 import memory_pb2_grpc
+from agentmesh.retrieval.v1 import retrieval_pb2_grpc
+from agentmesh.services.runtime.settings import MeshSettings
+from agentmesh.tools.v1 import tools_pb2_grpc
+
+
+def channel_options(max_message_bytes: int = 4 * 1024 * 1024) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+    ]
+
+
+class Downstream:
+    """Channels and stubs to the other services, created on first use."""
+
+    def __init__(self, mesh: MeshSettings | None = None, max_message_bytes: int = 4 * 1024 * 1024):
+        self.mesh = mesh or MeshSettings()
+        self.max_message_bytes = max_message_bytes
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def channel(self, name: str) -> grpc.aio.Channel:
+        """The channel to service ``name`` ("llm", "retrieval", "memory", "tools", "orchestrator")."""
+        if name not in self._channels:
+            address = getattr(self.mesh, f"{name}_address")
+            self._channels[name] = grpc.aio.insecure_channel(address, options=channel_options(self.max_message_bytes))
+        return self._channels[name]
+
+    @property
+    def llm(self) -> llm_pb2_grpc.LLMServiceStub:
+        return llm_pb2_grpc.LLMServiceStub(self.channel("llm"))
+
+    @property
+    def retrieval(self) -> retrieval_pb2_grpc.RetrievalServiceStub:
+        return retrieval_pb2_grpc.RetrievalServiceStub(self.channel("retrieval"))
+
+    @property
+    def memory(self) -> memory_pb2_grpc.MemoryServiceStub:
+        return memory_pb2_grpc.MemoryServiceStub(self.channel("memory"))
+
+    @property
+    def tools(self) -> tools_pb2_grpc.ToolServiceStub:
+        return tools_pb2_grpc.ToolServiceStub(self.channel("tools"))
+
+    async def is_serving(self, name: str, timeout_s: float = 1.0) -> bool:
+        """True when service ``name`` answers its health check with SERVING."""
+        return await check_health(self.channel(name), timeout_s=timeout_s)
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+
+async def check_health(channel: grpc.aio.Channel, service: str = "", timeout_s: float = 1.0) -> bool:
+    """One ``grpc.health.v1.Health/Check``; False on NOT_SERVING or any RPC error."""
+    try:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+        )
+    except grpc.aio.AioRpcError:
+        return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -1,0 +1,167 @@
+"""Server interceptor applied to every AgentMesh RPC.
+
+It does, for every call, in one place:
+- request id and tenant from metadata into ``contextvars`` (``x-request-id``, ``x-tenant-id``);
+- the incoming deadline into a ``contextvar`` so downstream calls derive their own from it;
+- refusal with DEADLINE_EXCEEDED when the remaining deadline is below the service's minimum;
+- translation of :class:`ServiceError` into a gRPC status, and of any other exception into
+  INTERNAL (logged with its traceback, never shown to the caller);
+- one structured log line per call with method, status code and duration (ms).
+
+grpc.aio interceptors can only wrap the handler, so the wrapping is done per RPC kind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from agentmesh.services.runtime import context as ctx
+from agentmesh.services.runtime.errors import ServiceError
+
+log = logging.getLogger("agentmesh.rpc")
+
+#: Infrastructure RPCs that are neither deadline-checked nor logged.
+_QUIET_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
+class _CallScope:
+    """Sets the call's context variables and records its outcome for the log line."""
+
+    def __init__(self, method: str, context: grpc.aio.ServicerContext, min_deadline_s: float):
+        self.method = method
+        self.context = context
+        self.min_deadline_s = min_deadline_s
+        self.code = grpc.StatusCode.OK
+        self.start = time.perf_counter()
+        self.tokens: list[tuple[Any, Any]] = []
+
+    async def enter(self) -> None:
+        metadata = {k: v for k, v in (self.context.invocation_metadata() or ()) if isinstance(v, str)}
+        request_id = metadata.get(ctx.REQUEST_ID_HEADER) or ctx.new_request_id()
+        tenant = metadata.get(ctx.TENANT_HEADER) or ctx.DEFAULT_TENANT
+        remaining = self.context.time_remaining()
+        self.tokens = [
+            (ctx.request_id_var, ctx.request_id_var.set(request_id[:128])),
+            (ctx.tenant_var, ctx.tenant_var.set(tenant)),
+            (ctx.deadline_var, ctx.deadline_var.set(None if remaining is None else time.monotonic() + remaining)),
+        ]
+        if not ctx.TENANT_PATTERN.match(tenant):
+            raise ServiceError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"invalid {ctx.TENANT_HEADER} {tenant[:80]!r}: use 1..64 characters of [A-Za-z0-9_-]",
+            )
+        if remaining is not None and remaining < self.min_deadline_s:
+            raise ServiceError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"deadline leaves {remaining * 1000:.0f} ms but {self.method} needs at least "
+                f"{self.min_deadline_s * 1000:.0f} ms; call again with a longer deadline",
+            )
+
+    def exit(self) -> None:
+        for var, token in reversed(self.tokens):
+            var.reset(token)
+
+    def log(self) -> None:
+        elapsed_ms = (time.perf_counter() - self.start) * 1000
+        level = logging.ERROR if self.code == grpc.StatusCode.INTERNAL else logging.INFO
+        log.log(
+            level,
+            "rpc finished",
+            extra={"fields": {"method": self.method, "code": self.code.name, "duration_ms": round(elapsed_ms, 2)}},
+        )
+
+    async def fail(self, exc: BaseException) -> None:
+        """Abort the call with the status ``exc`` stands for (re-raises aborts and cancellations)."""
+        if isinstance(exc, ServiceError):
+            self.code = exc.code
+            await self.context.abort(exc.code, exc.message)
+        if isinstance(exc, asyncio.CancelledError):
+            self.code = grpc.StatusCode.CANCELLED
+            raise exc
+        if isinstance(exc, grpc.aio.AbortError) or _is_abort(exc):
+            code = self.context.code()
+            self.code = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+            raise exc
+        self.code = grpc.StatusCode.INTERNAL
+        log.exception("unhandled error in %s", self.method, exc_info=exc)
+        await self.context.abort(grpc.StatusCode.INTERNAL, f"internal error in {self.method}; see the service log")
+
+
+def _is_abort(exc: BaseException) -> bool:
+    return type(exc).__name__ == "AbortError"
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    """The interceptor described in the module docstring."""
+
+    def __init__(self, min_deadline_ms: int = 0):
+        self.min_deadline_s = min_deadline_ms / 1000.0
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(_QUIET_PREFIXES):
+            return handler
+        return _wrap_handler(handler, method, self.min_deadline_s)
+
+
+def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, min_deadline_s: float) -> grpc.RpcMethodHandler:
+    def unary_response(behavior):
+        async def wrapper(request_or_iterator, context):
+            scope = _CallScope(method, context, min_deadline_s)
+            try:
+                await scope.enter()
+                return await behavior(request_or_iterator, context)
+            except BaseException as exc:  # noqa: BLE001 - translated into a status by fail()
+                await scope.fail(exc)
+            finally:
+                scope.exit()
+                scope.log()
+
+        return wrapper
+
+    def stream_response(behavior):
+        async def wrapper(request_or_iterator, context) -> AsyncIterator[Any]:
+            scope = _CallScope(method, context, min_deadline_s)
+            try:
+                await scope.enter()
+                async for item in behavior(request_or_iterator, context):
+                    yield item
+            except BaseException as exc:  # noqa: BLE001 - translated into a status by fail()
+                if isinstance(exc, GeneratorExit):
+                    scope.code = grpc.StatusCode.CANCELLED
+                    raise
+                with contextlib.suppress(StopAsyncIteration):
+                    await scope.fail(exc)
+            finally:
+                scope.exit()
+                scope.log()
+
+        return wrapper
+
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            unary_response(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+        )
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            stream_response(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+        )
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            unary_response(handler.stream_unary), handler.request_deserializer, handler.response_serializer
+        )
+    return grpc.stream_stream_rpc_method_handler(
+        stream_response(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+    )

@@ -1,0 +1,143 @@
+"""Server bootstrap shared by every service.
+
+:func:`serve` runs one :class:`Service` as a ``grpc.aio`` server with:
+- the :class:`~agentmesh.services.runtime.interceptors.ServerInterceptor`;
+- explicit limits (max message size, max concurrent streams, keepalive);
+- ``grpc.health.v1`` whose status follows the service's own readiness probe (it starts
+  NOT_SERVING, turns SERVING once :meth:`Service.ready` says so, and back when it stops saying so);
+- server reflection;
+- graceful shutdown on SIGTERM/SIGINT: health goes NOT_SERVING, no new calls are accepted, and
+  in-flight calls get ``grace_period_s`` to finish before they are cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import ClassVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from agentmesh.services.runtime.interceptors import ServerInterceptor
+from agentmesh.services.runtime.logs import configure_logging
+from agentmesh.services.runtime.settings import DEFAULT_PORTS, SERVICE_NAMES, ServiceSettings
+
+log = logging.getLogger("agentmesh.server")
+
+
+class Service:
+    """One AgentMesh service. Subclasses register their servicers and say when they are ready."""
+
+    #: Key in DEFAULT_PORTS / SERVICE_NAMES: "llm", "retrieval", "memory", "tools", "orchestrator".
+    kind: ClassVar[str]
+
+    def __init__(self, settings: ServiceSettings):
+        self.settings = settings
+
+    def register(self, server: grpc.aio.Server) -> None:
+        """Add the service's servicers to ``server``."""
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        """Slow start-up work (load a model, connect to a store). Runs after the port is bound, so
+        health answers NOT_SERVING meanwhile. An exception here stops the process."""
+
+    async def ready(self) -> tuple[bool, str]:
+        """Readiness probe: (ready, reason). Must check the real dependencies (a Redis PING, the
+        collection loaded...) and return quickly; it runs every ``readiness_interval_s``."""
+        return True, "ok"
+
+    async def stop(self) -> None:
+        """Release resources after the server stopped."""
+
+
+def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
+    """Channel arguments that make the server's limits explicit."""
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+async def serve(service: Service, *, stop_event: asyncio.Event | None = None) -> None:
+    """Run ``service`` until SIGTERM/SIGINT (or ``stop_event``), then shut down gracefully.
+
+    Raises ``RuntimeError`` when the port cannot be bound.
+    """
+    settings = service.settings
+    configure_logging(settings.log_level)
+    name = SERVICE_NAMES[service.kind]
+    port = settings.port or DEFAULT_PORTS[service.kind]
+
+    server = grpc.aio.server(
+        interceptors=[ServerInterceptor(settings.min_deadline_ms)],
+        options=server_options(settings),
+        maximum_concurrent_rpcs=settings.max_concurrent_streams,
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    service.register(server)
+    reflection.enable_server_reflection(
+        [name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
+    address = f"{settings.host}:{port}"
+    if server.add_insecure_port(address) == 0:
+        raise RuntimeError(f"cannot listen on {address}: port in use or not permitted")
+
+    async def set_status(serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for svc in ("", name):
+            await health_servicer.set(svc, status)
+
+    await set_status(False)
+    await server.start()
+    log.info("listening", extra={"fields": {"service": name, "address": address}})
+
+    stop = stop_event or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - not the main thread
+            pass
+
+    async def readiness_loop() -> None:
+        await service.start()
+        was: bool | None = None
+        while True:
+            try:
+                ok, reason = await asyncio.wait_for(service.ready(), timeout=max(1.0, settings.readiness_interval_s))
+            except Exception as exc:  # noqa: BLE001 - a failing probe means not ready
+                ok, reason = False, f"readiness probe failed: {exc!r}"
+            if ok != was:
+                await set_status(ok)
+                log.log(
+                    logging.INFO if ok else logging.WARNING,
+                    "health status changed",
+                    extra={"fields": {"service": name, "serving": ok, "reason": reason}},
+                )
+                was = ok
+            await asyncio.sleep(settings.readiness_interval_s)
+
+    readiness = asyncio.create_task(readiness_loop())
+    stopped = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({readiness, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if readiness in done and readiness.exception() is not None:
+        log.error("start-up failed", exc_info=readiness.exception())
+        await server.stop(0)
+        raise readiness.exception()  # type: ignore[misc]
+
+    log.info("shutting down", extra={"fields": {"service": name, "grace_period_s": settings.grace_period_s}})
+    readiness.cancel()
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(settings.grace_period_s)
+    await service.stop()
+    log.info("stopped", extra={"fields": {"service": name}})
