@@ -1,0 +1,1 @@
+"""Providers of the LLM router: the interface (``base``), OpenAI-compatible, Anthropic, extractive."""

@@ -1,0 +1,1 @@
+"""Protocol-faithful fake servers of remote LLM providers (OpenAI, Anthropic) for tests."""
