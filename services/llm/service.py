@@ -44,7 +44,7 @@ from agentmesh.common.v1 import common_pb2
 from agentmesh.llm.v1 import llm_pb2, llm_pb2_grpc
 from agentmesh.services.llm.providers.base import ErrorKind, GenerationRequest, Provider, ProviderError
 from agentmesh.services.llm.providers.extractive import ExtractiveProvider
-from agentmesh.services.llm.tokens import count_tokens
+from agentmesh.services.runtime.tokens import count_tokens
 from agentmesh.services.runtime.context import downstream_timeout
 from agentmesh.services.runtime.errors import ServiceError, invalid_argument
 from agentmesh.services.runtime.server import Service

@@ -3,7 +3,7 @@
 ``MemoryService.AppendMessages`` appends a batch atomically and returns the session's new version;
 ``MemoryService.GetContext`` returns the newest messages that fit a token budget. Sessions are
 scoped to the caller's tenant (``x-tenant-id``). Storage layout and consistency rules are in
-:mod:`agentmesh.services.memory.store`; token counting in :mod:`agentmesh.services.memory.tokens`.
+:mod:`agentmesh.services.memory.store`; token counting in :mod:`agentmesh.services.runtime.tokens`.
 
 Health follows Redis: the readiness probe is a PING, so the service reports NOT_SERVING within
 about ``readiness_interval_s`` + ``redis_timeout_s`` of Redis going away and SERVING again once it
@@ -23,7 +23,7 @@ from redis.backoff import NoBackoff
 
 from agentmesh.memory.v1 import memory_pb2, memory_pb2_grpc
 from agentmesh.services.memory.store import Limits, SessionStore, redis_location
-from agentmesh.services.memory.tokens import TokenCounter, default_token_counter
+from agentmesh.services.runtime.tokens import TokenCounter, default_token_counter
 from agentmesh.services.runtime.context import current_tenant
 from agentmesh.services.runtime.errors import ServiceError, invalid_argument, unavailable
 from agentmesh.services.runtime.server import Service

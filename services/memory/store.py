@@ -41,7 +41,7 @@ import redis.exceptions as redis_errors
 from google.protobuf.message import DecodeError
 
 from agentmesh.common.v1 import common_pb2
-from agentmesh.services.memory.tokens import TokenCounter
+from agentmesh.services.runtime.tokens import TokenCounter
 from agentmesh.services.runtime.context import TENANT_PATTERN
 from agentmesh.services.runtime.errors import ServiceError, invalid_argument, unavailable
 

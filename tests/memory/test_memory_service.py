@@ -12,7 +12,7 @@ from google.protobuf import struct_pb2
 
 from agentmesh.common.v1 import common_pb2
 from agentmesh.memory.v1 import memory_pb2
-from agentmesh.services.memory.tokens import default_token_counter
+from agentmesh.services.runtime.tokens import default_token_counter
 from tests.memory.conftest import PAGE
 
 U = common_pb2.ROLE_USER

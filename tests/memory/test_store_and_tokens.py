@@ -10,7 +10,7 @@ from google.protobuf import struct_pb2
 
 from agentmesh.common.v1 import common_pb2
 from agentmesh.services.memory.store import SessionStore, redis_location
-from agentmesh.services.memory.tokens import (
+from agentmesh.services.runtime.tokens import (
     MESSAGE_OVERHEAD_TOKENS,
     NAME_OVERHEAD_TOKENS,
     default_token_counter,

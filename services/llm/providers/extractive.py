@@ -24,8 +24,8 @@ How an answer is built:
 5. The text is streamed in groups of :data:`WORDS_PER_DELTA` words, and stops early (finish
    reason LENGTH) at the last whole word that keeps the output within ``max_tokens``.
 
-Usage is counted in router tokens (:mod:`agentmesh.services.llm.tokens`: runs of word characters
-and single punctuation marks): input = the tokens of every message's content plus every context
+Usage is counted with the mesh's token counter (:mod:`agentmesh.services.runtime.tokens`, an
+approximation of LLM tokens): input = the tokens of every message's content plus every context
 chunk's text (everything the provider reads), output = the tokens of the text it sent.
 """
 
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from agentmesh.common.v1 import common_pb2
 from agentmesh.llm.v1 import llm_pb2
 from agentmesh.services.llm.providers.base import GenerationRequest, Provider, finish_events
-from agentmesh.services.llm.tokens import count_tokens
+from agentmesh.services.runtime.tokens import count_tokens
 
 FinishReason = common_pb2.FinishReason
 
@@ -151,7 +151,7 @@ def select(question: str, context: Sequence[common_pb2.Chunk]) -> list[tuple[str
 
 
 def _fit(text: str, budget: int) -> str:
-    """The longest run of whole leading words of ``text`` within ``budget`` router tokens."""
+    """The longest run of whole leading words of ``text`` within ``budget`` tokens."""
     out = ""
     for word in re.findall(r"\s*\S+", text):
         if count_tokens(out + word) > budget:
@@ -163,7 +163,7 @@ def _fit(text: str, budget: int) -> str:
 def plan(
     segments: Sequence[tuple[str, int | None]], max_tokens: int
 ) -> tuple[list[tuple[str, int | None]], common_pb2.FinishReason.ValueType]:
-    """The text deltas of an answer within ``max_tokens`` router tokens, each with the chunk
+    """The text deltas of an answer within ``max_tokens`` tokens, each with the chunk
     number to cite just before it (set on the first delta of a citing segment), and the finish
     reason (LENGTH when the budget cut the answer)."""
     out: list[tuple[str, int | None]] = []

@@ -1,8 +1,10 @@
-"""Token counting for session history.
+"""The mesh's one token count, used wherever no provider tokenizer is available.
 
-The memory service fits history into a token budget before any model sees it, so it needs a
-tokenizer that works offline and is fast. :class:`TokenCounter` is the interface;
-:class:`WordPieceTokenCounter` is the default implementation.
+Memory fits history into a token budget before any model sees it; the router counts the usage of
+the extractive provider (which is not a language model and has no tokenizer) and what a cut stream
+had already sent. All of them need a tokenizer that works offline and is fast.
+:class:`TokenCounter` is the interface; :class:`WordPieceTokenCounter` the default implementation;
+:func:`count_tokens` the shortcut for one text.
 
 The default is an APPROXIMATION of the target LLM's tokens, not an exact count: it uses the
 WordPiece tokenizer shipped with the all-MiniLM-L6-v2 embedding model (a BERT uncased vocabulary of
@@ -94,3 +96,8 @@ class WordPieceTokenCounter(TokenCounter):
 def default_token_counter() -> TokenCounter:
     """The process-wide :class:`WordPieceTokenCounter` (loaded once, ~1 MB vocabulary)."""
     return WordPieceTokenCounter()
+
+
+def count_tokens(text: str) -> int:
+    """Tokens of ``text`` with the default counter (no message overhead)."""
+    return default_token_counter().count_texts([text])[0]
