@@ -40,5 +40,5 @@ def configure_logging(level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Chatty third-party loggers stay at WARNING.
-    for name in ("httpx", "httpcore", "httpx2", "httpcore2", "urllib3", "sentence_transformers", "filelock"):
+    for name in ("httpx", "httpcore", "httpx2", "httpcore2", "urllib3", "sentence_transformers", "filelock", "pymilvus"):
         logging.getLogger(name).setLevel(logging.WARNING)
