@@ -67,13 +67,15 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
     ]
 
 
-async def serve(service: Service, *, stop_event: asyncio.Event | None = None) -> None:
-    """Run ``service`` until SIGTERM/SIGINT (or ``stop_event``), then shut down gracefully.
+async def serve(service: Service, *, stop_event: asyncio.Event | None = None, handle_signals: bool = True) -> None:
+    """Run ``service`` until SIGTERM/SIGINT (when ``handle_signals``) or ``stop_event``, then shut
+    down gracefully.
 
     Raises ``RuntimeError`` when the port cannot be bound.
     """
     settings = service.settings
-    configure_logging(settings.log_level)
+    if handle_signals:  # the process is ours: own its logging too
+        configure_logging(settings.log_level)
     name = SERVICE_NAMES[service.kind]
     port = settings.port or DEFAULT_PORTS[service.kind]
 
@@ -103,11 +105,9 @@ async def serve(service: Service, *, stop_event: asyncio.Event | None = None) ->
 
     stop = stop_event or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
+    if handle_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # pragma: no cover - not the main thread
-            pass
 
     async def readiness_loop() -> None:
         await service.start()
