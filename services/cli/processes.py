@@ -12,6 +12,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,3 +128,40 @@ def start_redis(port: int, data_dir: Path, log_dir: Path, appendonly: bool = Tru
         time.sleep(0.05)
     proc.stop()
     raise RuntimeError(f"redis-server did not start on port {port}; see {proc.log_path}")
+
+
+def envoy_admin_get(admin_port: int, path: str, timeout_s: float = 1.0) -> tuple[int, str]:
+    """GET ``path`` on Envoy's admin interface at 127.0.0.1:``admin_port``: (HTTP status, body),
+    or (0, reason) when the interface does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}{path}", timeout=timeout_s) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+    except OSError as exc:
+        return 0, str(exc)
+
+
+def start_envoy(
+    config_path: Path, admin_port: int, log_dir: Path, name: str = "envoy", timeout_s: float = 15.0
+) -> Proc:
+    """Start Envoy on a rendered config (see ``agentmesh.services.cli.gateway``) and wait until its
+    admin ``/ready`` answers 200 (RuntimeError naming the log after ``timeout_s`` seconds or when
+    it exits). ``admin_port`` must be the config's admin port."""
+    argv = [
+        envoy_binary(), "-c", str(config_path),
+        "--disable-hot-restart",  # several Envoys (meshes, tests) may run side by side
+        "--drain-strategy", "immediate", "--drain-time-s", "10",
+        "--file-flush-interval-msec", "250",  # access log lines show up promptly in the log
+        "-l", "warning",  # the log is then mostly the JSON access log
+    ]
+    proc = spawn(name, argv, log_dir)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"envoy exited with code {proc.popen.returncode} at start; see {proc.log_path}")
+        if envoy_admin_get(admin_port, "/ready")[0] == 200:
+            return proc
+        time.sleep(0.05)
+    proc.stop()
+    raise RuntimeError(f"envoy was not ready within {timeout_s:.0f} s; see {proc.log_path}")
