@@ -1,0 +1,77 @@
+# AgentMesh — the commands a person types. `make run` brings the mesh up and asks it a question;
+# `make test` runs every check CI runs. Both install what they need on first use.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+BIN    := $(VENV)/bin
+BUF    := node_modules/.bin/buf
+# Where `buf breaking` compares the contracts against (override: make breaking AGAINST=...).
+AGAINST ?= .git\#branch=main,subdir=protos
+DEMO_QUESTION ?= How do I parse a JSON string into a Python object?
+
+.PHONY: help install run up down status chat ingest test pytest lint-protos breaking generate check-generated clean
+
+help:
+	@echo "make run       start the whole mesh locally, ingest the demo corpus, stream a demo answer"
+	@echo "make down      stop the mesh"
+	@echo "make test      every check CI runs (proto lint + breaking + generated code + pytest)"
+	@echo "make generate  regenerate gen/python from protos/"
+
+# --- installation ---------------------------------------------------------------------------
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, pinned to the CPU build (an unpinned torch pulls several GB of CUDA wheels).
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+install: $(VENV)/.installed node_modules/.installed
+
+# --- running --------------------------------------------------------------------------------
+run: $(VENV)/.installed
+	$(BIN)/agentmesh up --detach
+	$(BIN)/agentmesh ingest
+	$(BIN)/agentmesh chat "$(DEMO_QUESTION)" --session demo
+	@echo
+	@echo "The mesh is running (gateway on 127.0.0.1:8080). Ask more with:"
+	@echo "  $(BIN)/agentmesh chat \"What does itertools.groupby do?\" --session demo"
+	@echo "Stop it with:  make down   (or $(BIN)/agentmesh down)"
+
+up: $(VENV)/.installed
+	$(BIN)/agentmesh up
+
+down:
+	$(BIN)/agentmesh down
+
+status:
+	$(BIN)/agentmesh status
+
+# --- contracts ------------------------------------------------------------------------------
+generate: $(VENV)/.installed
+	PYTHON=$(PY) scripts/generate_protos.sh
+
+check-generated: $(VENV)/.installed
+	PYTHON=$(PY) scripts/generate_protos.sh --check
+
+lint-protos: node_modules/.installed
+	$(BUF) lint
+
+breaking: node_modules/.installed
+	@if git rev-parse --verify -q main >/dev/null; then \
+	  $(BUF) breaking protos --against '$(AGAINST)' && echo "no breaking changes against main"; \
+	else echo "no main branch to compare against: skipping buf breaking"; fi
+
+# --- tests ----------------------------------------------------------------------------------
+pytest: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+test: lint-protos breaking check-generated pytest
+
+clean:
+	rm -rf $(VENV) node_modules .agentmesh .pytest_cache

@@ -1,0 +1,100 @@
+"""Shared pieces of every benchmark under ``bench/``: latency statistics, the printed table, the
+JSON result file and the plot. Benchmarks report figures; they assert nothing (tests do that)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def latency_stats(samples_ms: Sequence[float]) -> dict[str, float]:
+    """p50/p90/p99/max/mean of latencies given in milliseconds (numpy's linear interpolation)."""
+    if not samples_ms:
+        return {"n": 0}
+    a = np.asarray(samples_ms, dtype=float)
+    return {
+        "n": int(a.size),
+        "p50_ms": round(float(np.percentile(a, 50)), 3),
+        "p90_ms": round(float(np.percentile(a, 90)), 3),
+        "p99_ms": round(float(np.percentile(a, 99)), 3),
+        "max_ms": round(float(a.max()), 3),
+        "mean_ms": round(float(a.mean()), 3),
+    }
+
+
+def rss_mb(pid: int | None = None) -> float:
+    """Resident memory of a process (default: this one), in MiB."""
+    return round(psutil.Process(pid or os.getpid()).memory_info().rss / 2**20, 1)
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    return {
+        "cpus": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def print_table(title: str, rows: list[dict[str, Any]], columns: Sequence[str] | None = None) -> None:
+    """One row per dict; ``columns`` picks and orders the keys (default: the first row's)."""
+    columns = list(columns or (rows[0].keys() if rows else []))
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="right")
+    for row in rows:
+        table.add_row(*(_fmt(row.get(col, "")) for col in columns))
+    Console().print(table)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.2f}"
+    return str(value)
+
+
+def write_json(name: str, data: dict[str, Any]) -> Path:
+    """Write ``bench/results/<name>.json`` (with the machine description) and print its path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps({"benchmark": name, "machine": machine(), **data}, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+def plot_latency(name: str, series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str) -> Path:
+    """A line plot (PNG, ``bench/results/<name>.png``) of named series of (x, y) points."""
+    import matplotlib  # noqa: PLC0415 - only benchmarks that plot need it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, points in series.items():
+        xs, ys = zip(*points, strict=True) if points else ((), ())
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(name)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {path}")
+    return path
