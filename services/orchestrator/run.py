@@ -13,6 +13,11 @@
 
 Every downstream call carries the request id and tenant and a deadline derived from the caller's.
 A downstream failure ends the stream with the status :func:`from_downstream` gives it.
+
+Tracing (OpenTelemetry GenAI semantic conventions): inside the RPC's SERVER span the turn is one
+``invoke_agent`` span, parent of a ``chat`` span per model call, an ``execute_tool`` span per tool
+call, a ``retrieval`` span and ``memory load`` / ``memory append`` spans; the gRPC CLIENT span of
+each downstream call (and the downstream service's own spans) nest under them.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf import json_format, struct_pb2
+from opentelemetry import trace
 
 from agentmesh.agent.v1 import agent_pb2
 from agentmesh.common.v1 import common_pb2
@@ -39,6 +45,7 @@ from agentmesh.tools.v1 import tools_pb2
 
 #: `[n]` citation markers in answer text (the router numbers context chunks [1]..[n]).
 _MARKER = re.compile(r"\[(\d{1,3})\]")
+_tracer = trace.get_tracer("agentmesh.orchestrator")
 
 
 @dataclass
@@ -90,6 +97,27 @@ class AgentTurn:
         return agent_pb2.RunResponse(sequence=self._sequence, **kwargs)
 
     async def events(self) -> AsyncIterator[agent_pb2.RunResponse]:
+        """The turn's events, inside one ``invoke_agent`` span."""
+        attributes = {
+            "gen_ai.operation.name": "invoke_agent",
+            "gen_ai.agent.name": "agentmesh",
+            "gen_ai.conversation.id": self.request.session_id,
+            "agentmesh.run_id": self.run_id,
+        }
+        with _tracer.start_as_current_span("invoke_agent agentmesh", attributes=attributes) as span:
+            async for event in self._turn():
+                if event.WhichOneof("event") == "final":
+                    span.set_attributes(
+                        {
+                            "agentmesh.run.status": agent_pb2.RunStatus.Name(event.final.status),
+                            "agentmesh.run.steps": event.final.steps,
+                            "gen_ai.usage.input_tokens": event.final.usage.input_tokens,
+                            "gen_ai.usage.output_tokens": event.final.usage.output_tokens,
+                        }
+                    )
+                yield event
+
+    async def _turn(self) -> AsyncIterator[agent_pb2.RunResponse]:
         req = self.request
         yield self._event(
             started=agent_pb2.RunStarted(
@@ -149,44 +177,84 @@ class AgentTurn:
     # -- memory and retrieval ------------------------------------------------------------------
 
     async def _load_memory(self) -> memory_pb2.GetContextResponse:
-        try:
-            return await self.downstream.memory.GetContext(
-                memory_pb2.GetContextRequest(
-                    session_id=self.request.session_id, token_budget=self.limits.memory_token_budget
-                ),
-                metadata=outgoing_metadata(),
-                timeout=downstream_timeout(self.limits.call_timeout_s, self.limits.reserve_s),
+        attributes = {"gen_ai.conversation.id": self.request.session_id}
+        with _tracer.start_as_current_span("memory load", attributes=attributes) as span:
+            try:
+                reply = await self.downstream.memory.GetContext(
+                    memory_pb2.GetContextRequest(
+                        session_id=self.request.session_id, token_budget=self.limits.memory_token_budget
+                    ),
+                    metadata=outgoing_metadata(),
+                    timeout=downstream_timeout(self.limits.call_timeout_s, self.limits.reserve_s),
+                )
+            except grpc.aio.AioRpcError as err:
+                raise from_downstream("memory", err) from err
+            span.set_attributes(
+                {"agentmesh.memory.messages": len(reply.messages), "agentmesh.memory.tokens": reply.tokens_used}
             )
-        except grpc.aio.AioRpcError as err:
-            raise from_downstream("memory", err) from err
+            return reply
 
     async def _retrieve(self) -> list[common_pb2.Chunk]:
-        try:
-            reply = await self.downstream.retrieval.Search(
-                retrieval_pb2.SearchRequest(
-                    collection=self.request.collection, query=self.request.input, top_k=self.limits.top_k
-                ),
-                metadata=outgoing_metadata(),
-                timeout=downstream_timeout(self.limits.call_timeout_s, self.limits.reserve_s),
-            )
-        except grpc.aio.AioRpcError as err:
-            raise from_downstream("retrieval", err) from err
-        return list(reply.chunks)
+        collection = self.request.collection or "default"
+        attributes = {
+            "gen_ai.operation.name": "retrieval",
+            "gen_ai.data_source.id": collection,
+            "gen_ai.request.top_k": self.limits.top_k,
+        }
+        with _tracer.start_as_current_span(f"retrieval {collection}", attributes=attributes) as span:
+            try:
+                reply = await self.downstream.retrieval.Search(
+                    retrieval_pb2.SearchRequest(
+                        collection=self.request.collection, query=self.request.input, top_k=self.limits.top_k
+                    ),
+                    metadata=outgoing_metadata(),
+                    timeout=downstream_timeout(self.limits.call_timeout_s, self.limits.reserve_s),
+                )
+            except grpc.aio.AioRpcError as err:
+                raise from_downstream("retrieval", err) from err
+            span.set_attribute("agentmesh.retrieval.chunks", len(reply.chunks))
+            return list(reply.chunks)
 
     async def _append_memory(self, messages: list[common_pb2.Message]) -> int:
-        try:
-            reply = await self.downstream.memory.AppendMessages(
-                memory_pb2.AppendMessagesRequest(session_id=self.request.session_id, messages=messages),
-                metadata=outgoing_metadata(),
-                timeout=downstream_timeout(self.limits.call_timeout_s, self.limits.reserve_s),
-            )
-        except grpc.aio.AioRpcError as err:
-            raise from_downstream("memory", err) from err
-        return reply.version
+        attributes = {"gen_ai.conversation.id": self.request.session_id, "agentmesh.memory.messages": len(messages)}
+        with _tracer.start_as_current_span("memory append", attributes=attributes):
+            try:
+                reply = await self.downstream.memory.AppendMessages(
+                    memory_pb2.AppendMessagesRequest(session_id=self.request.session_id, messages=messages),
+                    metadata=outgoing_metadata(),
+                    timeout=downstream_timeout(self.limits.call_timeout_s, self.limits.reserve_s),
+                )
+            except grpc.aio.AioRpcError as err:
+                raise from_downstream("memory", err) from err
+            return reply.version
 
     # -- generation ----------------------------------------------------------------------------
 
     async def _generate(
+        self,
+        step: int,
+        conversation: list[common_pb2.Message],
+        step_text: list[str],
+        tool_calls: list[common_pb2.ToolCall],
+    ) -> AsyncIterator[agent_pb2.RunResponse]:
+        """One model call inside a ``chat`` span; see :meth:`_stream_generation`."""
+        attributes = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.request.model": self.request.model or "default",
+            "gen_ai.request.max_tokens": self.request.max_tokens,
+            "agentmesh.step": step,
+        }
+        with _tracer.start_as_current_span(f"chat {self.request.model or 'default'}", attributes=attributes) as span:
+            async for event in self._stream_generation(step, conversation, step_text, tool_calls):
+                if event.WhichOneof("event") == "step_started":
+                    started = event.step_started
+                    span.set_attributes(
+                        {"gen_ai.provider.name": started.provider, "gen_ai.response.model": started.model}
+                    )
+                yield event
+            span.set_attribute("agentmesh.tool_calls", len(tool_calls))
+
+    async def _stream_generation(
         self,
         step: int,
         conversation: list[common_pb2.Message],
@@ -229,6 +297,13 @@ class AgentTurn:
                     acc.arguments.append(delta.arguments_delta)
                 elif kind == "finish":
                     _add_usage(self.usage, item.finish.usage)
+                    trace.get_current_span().set_attributes(  # the `chat` span of _generate
+                        {
+                            "gen_ai.usage.input_tokens": item.finish.usage.input_tokens,
+                            "gen_ai.usage.output_tokens": item.finish.usage.output_tokens,
+                            "gen_ai.response.finish_reasons": [common_pb2.FinishReason.Name(item.finish.reason)],
+                        }
+                    )
         except grpc.aio.AioRpcError as err:
             raise from_downstream("llm", err) from err
         finally:
@@ -241,7 +316,8 @@ class AgentTurn:
     async def _run_tools(
         self, tool_calls: list[common_pb2.ToolCall], results: list[common_pb2.Message]
     ) -> AsyncIterator[agent_pb2.RunResponse]:
-        """Run ``tool_calls`` concurrently; stream their events; fill ``results`` in call order."""
+        """Run ``tool_calls`` concurrently; stream their progress and each result as it completes;
+        fill ``results`` (the tool messages for the model) in call order."""
         for call in tool_calls:
             yield self._event(tool_call=agent_pb2.ToolCallStarted(tool_call=call))
         queue: asyncio.Queue[agent_pb2.RunResponse | None] = asyncio.Queue()
@@ -251,6 +327,7 @@ class AgentTurn:
         async def run_one(call: common_pb2.ToolCall) -> None:
             async with semaphore:
                 outcomes[call.id] = await self._execute_tool(call, queue)
+            await queue.put(self._event(tool_result=outcomes[call.id]))  # as soon as it is known
 
         tasks = [asyncio.create_task(run_one(call)) for call in tool_calls]
         waiter = asyncio.create_task(_finish_queue(tasks, queue))
@@ -263,7 +340,6 @@ class AgentTurn:
                 task.cancel()
         for call in tool_calls:
             outcome = outcomes[call.id]
-            yield self._event(tool_result=outcome)
             results.append(
                 common_pb2.Message(
                     role=common_pb2.ROLE_TOOL,
@@ -274,6 +350,22 @@ class AgentTurn:
             )
 
     async def _execute_tool(
+        self, call: common_pb2.ToolCall, queue: asyncio.Queue[agent_pb2.RunResponse | None]
+    ) -> agent_pb2.ToolCallCompleted:
+        """:meth:`_call_tool` inside an ``execute_tool`` span (ERROR status for an error result)."""
+        attributes = {
+            "gen_ai.operation.name": "execute_tool",
+            "gen_ai.tool.name": call.name,
+            "gen_ai.tool.call.id": call.id,
+            "gen_ai.tool.type": "function",
+        }
+        with _tracer.start_as_current_span(f"execute_tool {call.name}", attributes=attributes) as span:
+            outcome = await self._call_tool(call, queue)
+            if outcome.is_error:
+                span.set_status(trace.StatusCode.ERROR, outcome.error_message[:256])
+            return outcome
+
+    async def _call_tool(
         self, call: common_pb2.ToolCall, queue: asyncio.Queue[agent_pb2.RunResponse | None]
     ) -> agent_pb2.ToolCallCompleted:
         """One ExecuteTool stream. A failure the model caused or can work around (unknown tool,
