@@ -1,29 +1,47 @@
 #!/usr/bin/env bash
-# Generate the Python contracts from protos/ into OUT (default gen/python) with grpcio-tools.
-# `--check` generates into a temporary folder and fails when gen/python differs from it.
+# Generate from protos/ with grpcio-tools:
+#   gen/python/           the Python contracts (messages, stubs, type hints) of protos/agentmesh
+#   gen/descriptors.binpb the FileDescriptorSet of every AgentMesh service with all its imports,
+#                         read by the gateway's gRPC-JSON transcoder (gateway/README.md)
+# protos/google/api is vendored (see its README.md): it is compiled into the descriptor set, but
+# its Python comes from the googleapis-common-protos wheel, so none is generated here.
+# `--check` generates into a temporary folder and fails when gen/ differs from it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
 gen() {
   local out="$1"
-  rm -rf "$out" && mkdir -p "$out"
-  # shellcheck disable=SC2046 # one argument per proto file is what protoc wants
-  "$PY" -m grpc_tools.protoc -Iprotos --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" \
-    $(find protos -name '*.proto' | sort)
+  rm -rf "$out" && mkdir -p "$out/python"
+  local protos
+  protos="$(find protos/agentmesh -name '*.proto' | sort)"
+  # shellcheck disable=SC2086 # one argument per proto file is what protoc wants
+  "$PY" -m grpc_tools.protoc -Iprotos --python_out="$out/python" --pyi_out="$out/python" \
+    --grpc_python_out="$out/python" $protos
+  # shellcheck disable=SC2086
+  "$PY" -m grpc_tools.protoc -Iprotos --include_imports --descriptor_set_out="$out/descriptors.binpb" $protos
 }
 if [[ "${1:-}" == "--check" ]]; then
   tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
-  gen "$tmp/python"
-  if ! diff -r -x __pycache__ "$tmp/python" gen/python >/dev/null; then
-    diff -r -x __pycache__ "$tmp/python" gen/python | head -40 >&2 || true
-    echo "gen/python is stale: run 'make generate' and commit the result" >&2
+  gen "$tmp/gen"
+  stale=0
+  if ! diff -r -x __pycache__ "$tmp/gen/python" gen/python >/dev/null; then
+    diff -r -x __pycache__ "$tmp/gen/python" gen/python | head -40 >&2 || true
+    stale=1
+  fi
+  if ! cmp -s "$tmp/gen/descriptors.binpb" gen/descriptors.binpb; then
+    echo "gen/descriptors.binpb differs from protos/ (or is missing)" >&2
+    stale=1
+  fi
+  if [[ $stale == 1 ]]; then
+    echo "generated code is stale: run 'make generate' and commit the result" >&2
     exit 1
   fi
   echo "generated code is up to date"
 else
-  # Generate beside, then swap, so readers of gen/python never see it half-written.
-  tmp="$(mktemp -d gen/.python.XXXXXX)"; trap 'rm -rf "$tmp"' EXIT
-  gen "$tmp/python"
-  rm -rf gen/python && mv "$tmp/python" gen/python
-  echo "generated gen/python from protos/"
+  # Generate beside, then swap, so readers of gen/ never see it half-written.
+  tmp="$(mktemp -d gen/.gen.XXXXXX)"; trap 'rm -rf "$tmp"' EXIT
+  gen "$tmp/gen"
+  rm -rf gen/python && mv "$tmp/gen/python" gen/python
+  mv -f "$tmp/gen/descriptors.binpb" gen/descriptors.binpb
+  echo "generated gen/python and gen/descriptors.binpb from protos/"
 fi

@@ -23,40 +23,101 @@ _sym_db = _symbol_database.Default()
 
 
 from agentmesh.common.v1 import common_pb2 as agentmesh_dot_common_dot_v1_dot_common__pb2
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x61gentmesh/agent/v1/agent.proto\x12\x12\x61gentmesh.agent.v1\x1a agentmesh/common/v1/common.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xb2\x01\n\nRunRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\r\n\x05tools\x18\x04 \x03(\t\x12\x11\n\tmax_steps\x18\x05 \x01(\r\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\x12\x12\n\ncollection\x18\x07 \x01(\t\x12\r\n\x05top_k\x18\x08 \x01(\r\x12\x19\n\x11\x64isable_retrieval\x18\t \x01(\x08\"D\n\nRunStarted\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"J\n\x0cMemoryLoaded\x12\x10\n\x08messages\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x01(\r\x12\x18\n\x10messages_omitted\x18\x03 \x01(\r\"@\n\x12RetrievalCompleted\x12*\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x1a.agentmesh.common.v1.Chunk\"\\\n\x0bStepStarted\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06is_llm\x18\x04 \x01(\x08\x12\x0e\n\x06notice\x18\x05 \x01(\t\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"C\n\x0fToolCallStarted\x12\x30\n\ttool_call\x18\x01 \x01(\x0b\x32\x1d.agentmesh.common.v1.ToolCall\"]\n\x10ToolCallProgress\x12\x14\n\x0ctool_call_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x15\n\x08\x66raction\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\x0b\n\t_fraction\"\x9d\x01\n\x11ToolCallCompleted\x12\x14\n\x0ctool_call_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12&\n\x06output\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x10\n\x08is_error\x18\x04 \x01(\x08\x12\x15\n\rerror_message\x18\x05 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x06 \x01(\r\"\xd2\x01\n\x0cRunCompleted\x12-\n\x06status\x18\x01 \x01(\x0e\x32\x1d.agentmesh.agent.v1.RunStatus\x12\x0e\n\x06output\x18\x02 \x01(\t\x12)\n\x05usage\x18\x03 \x01(\x0b\x32\x1a.agentmesh.common.v1.Usage\x12\x30\n\tcitations\x18\x04 \x03(\x0b\x32\x1d.agentmesh.common.v1.Citation\x12\r\n\x05steps\x18\x05 \x01(\r\x12\x17\n\x0fsession_version\x18\x06 \x01(\x04\"\xab\x04\n\x0bRunResponse\x12\x10\n\x08sequence\x18\x01 \x01(\r\x12\x31\n\x07started\x18\x02 \x01(\x0b\x32\x1e.agentmesh.agent.v1.RunStartedH\x00\x12\x39\n\rmemory_loaded\x18\x03 \x01(\x0b\x32 .agentmesh.agent.v1.MemoryLoadedH\x00\x12;\n\tretrieval\x18\x04 \x01(\x0b\x32&.agentmesh.agent.v1.RetrievalCompletedH\x00\x12\x37\n\x0cstep_started\x18\x05 \x01(\x0b\x32\x1f.agentmesh.agent.v1.StepStartedH\x00\x12\x33\n\ntext_delta\x18\x06 \x01(\x0b\x32\x1d.agentmesh.agent.v1.TextDeltaH\x00\x12\x38\n\ttool_call\x18\x07 \x01(\x0b\x32#.agentmesh.agent.v1.ToolCallStartedH\x00\x12=\n\rtool_progress\x18\x08 \x01(\x0b\x32$.agentmesh.agent.v1.ToolCallProgressH\x00\x12<\n\x0btool_result\x18\t \x01(\x0b\x32%.agentmesh.agent.v1.ToolCallCompletedH\x00\x12\x31\n\x05\x66inal\x18\n \x01(\x0b\x32 .agentmesh.agent.v1.RunCompletedH\x00\x42\x07\n\x05\x65vent*[\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14RUN_STATUS_COMPLETED\x10\x01\x12\x18\n\x14RUN_STATUS_MAX_STEPS\x10\x02\x32X\n\x0c\x41gentService\x12H\n\x03Run\x12\x1e.agentmesh.agent.v1.RunRequest\x1a\x1f.agentmesh.agent.v1.RunResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x61gentmesh/agent/v1/agent.proto\x12\x12\x61gentmesh.agent.v1\x1a agentmesh/common/v1/common.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xfa\x01\n\nRunRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\r\n\x05tools\x18\x04 \x03(\t\x12\x11\n\tmax_steps\x18\x05 \x01(\r\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\x12\x12\n\ncollection\x18\x07 \x01(\t\x12\r\n\x05top_k\x18\x08 \x01(\r\x12\x19\n\x11\x64isable_retrieval\x18\t \x01(\x08\x12\r\n\x05\x61gent\x18\n \x01(\t\x12\x37\n\ron_disconnect\x18\x0b \x01(\x0e\x32 .agentmesh.agent.v1.OnDisconnect\"S\n\nRunStarted\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\r\n\x05\x61gent\x18\x04 \x01(\t\"J\n\x0cMemoryLoaded\x12\x10\n\x08messages\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x01(\r\x12\x18\n\x10messages_omitted\x18\x03 \x01(\r\"@\n\x12RetrievalCompleted\x12*\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x1a.agentmesh.common.v1.Chunk\"\\\n\x0bStepStarted\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06is_llm\x18\x04 \x01(\x08\x12\x0e\n\x06notice\x18\x05 \x01(\t\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"C\n\x0fToolCallStarted\x12\x30\n\ttool_call\x18\x01 \x01(\x0b\x32\x1d.agentmesh.common.v1.ToolCall\"]\n\x10ToolCallProgress\x12\x14\n\x0ctool_call_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x15\n\x08\x66raction\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\x0b\n\t_fraction\"\x9d\x01\n\x11ToolCallCompleted\x12\x14\n\x0ctool_call_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12&\n\x06output\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x10\n\x08is_error\x18\x04 \x01(\x08\x12\x15\n\rerror_message\x18\x05 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x06 \x01(\r\"\xe4\x01\n\x0cRunCompleted\x12-\n\x06status\x18\x01 \x01(\x0e\x32\x1d.agentmesh.agent.v1.RunStatus\x12\x0e\n\x06output\x18\x02 \x01(\t\x12)\n\x05usage\x18\x03 \x01(\x0b\x32\x1a.agentmesh.common.v1.Usage\x12\x30\n\tcitations\x18\x04 \x03(\x0b\x32\x1d.agentmesh.common.v1.Citation\x12\r\n\x05steps\x18\x05 \x01(\r\x12\x17\n\x0fsession_version\x18\x06 \x01(\x04\x12\x10\n\x08\x63ost_usd\x18\x07 \x01(\x01\"\xf7\x07\n\x0bRunResponse\x12\x10\n\x08sequence\x18\x01 \x01(\r\x12\x31\n\x07started\x18\x02 \x01(\x0b\x32\x1e.agentmesh.agent.v1.RunStartedH\x00\x12\x39\n\rmemory_loaded\x18\x03 \x01(\x0b\x32 .agentmesh.agent.v1.MemoryLoadedH\x00\x12;\n\tretrieval\x18\x04 \x01(\x0b\x32&.agentmesh.agent.v1.RetrievalCompletedH\x00\x12\x37\n\x0cstep_started\x18\x05 \x01(\x0b\x32\x1f.agentmesh.agent.v1.StepStartedH\x00\x12\x33\n\ntext_delta\x18\x06 \x01(\x0b\x32\x1d.agentmesh.agent.v1.TextDeltaH\x00\x12\x38\n\ttool_call\x18\x07 \x01(\x0b\x32#.agentmesh.agent.v1.ToolCallStartedH\x00\x12=\n\rtool_progress\x18\x08 \x01(\x0b\x32$.agentmesh.agent.v1.ToolCallProgressH\x00\x12<\n\x0btool_result\x18\t \x01(\x0b\x32%.agentmesh.agent.v1.ToolCallCompletedH\x00\x12\x31\n\x05\x66inal\x18\n \x01(\x0b\x32 .agentmesh.agent.v1.RunCompletedH\x00\x12\x39\n\ragent_started\x18\x14 \x01(\x0b\x32 .agentmesh.agent.v1.AgentStartedH\x00\x12=\n\x0f\x61gent_completed\x18\x15 \x01(\x0b\x32\".agentmesh.agent.v1.AgentCompletedH\x00\x12.\n\x07handoff\x18\x16 \x01(\x0b\x32\x1b.agentmesh.agent.v1.HandoffH\x00\x12\x37\n\tinterrupt\x18\x17 \x01(\x0b\x32\".agentmesh.agent.v1.RunInterruptedH\x00\x12\x43\n\x12interrupt_resolved\x18\x18 \x01(\x0b\x32%.agentmesh.agent.v1.InterruptResolvedH\x00\x12\x31\n\x07resumed\x18\x19 \x01(\x0b\x32\x1e.agentmesh.agent.v1.RunResumedH\x00\x12;\n\x0estep_completed\x18\x1a \x01(\x0b\x32!.agentmesh.agent.v1.StepCompletedH\x00\x12\r\n\x05\x61gent\x18\x0b \x01(\t\x12\x15\n\rinvocation_id\x18\x0c \x01(\t\x12\x0c\n\x04step\x18\r \x01(\rB\x07\n\x05\x65vent\"\x8e\x01\n\x0c\x41gentStarted\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x15\n\rinvocation_id\x18\x02 \x01(\t\x12\x1c\n\x14parent_invocation_id\x18\x03 \x01(\t\x12+\n\x04role\x18\x04 \x01(\x0e\x32\x1d.agentmesh.agent.v1.AgentRole\x12\r\n\x05input\x18\x05 \x01(\t\"\xc1\x01\n\x0e\x41gentCompleted\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x15\n\rinvocation_id\x18\x02 \x01(\t\x12-\n\x06status\x18\x03 \x01(\x0e\x32\x1d.agentmesh.agent.v1.RunStatus\x12\x0e\n\x06output\x18\x04 \x01(\t\x12)\n\x05usage\x18\x05 \x01(\x0b\x32\x1a.agentmesh.common.v1.Usage\x12\x10\n\x08\x63ost_usd\x18\x06 \x01(\x01\x12\r\n\x05steps\x18\x07 \x01(\r\"\x89\x01\n\x07Handoff\x12\x12\n\nfrom_agent\x18\x01 \x01(\t\x12\x1a\n\x12\x66rom_invocation_id\x18\x02 \x01(\t\x12\x10\n\x08to_agent\x18\x03 \x01(\t\x12\x18\n\x10to_invocation_id\x18\x04 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\x12\x0c\n\x04task\x18\x06 \x01(\t\"w\n\x0f\x41pprovalRequest\x12\x15\n\rinvocation_id\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\r\x12\x30\n\ttool_call\x18\x04 \x01(\x0b\x32\x1d.agentmesh.common.v1.ToolCall\"^\n\x0eRunInterrupted\x12\x14\n\x0cinterrupt_id\x18\x01 \x01(\t\x12\x36\n\tapprovals\x18\x02 \x03(\x0b\x32#.agentmesh.agent.v1.ApprovalRequest\"a\n\x10ToolCallDecision\x12\x14\n\x0ctool_call_id\x18\x01 \x01(\t\x12\x10\n\x08\x61pproved\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x15\n\rinvocation_id\x18\x04 \x01(\t\"b\n\x11InterruptResolved\x12\x14\n\x0cinterrupt_id\x18\x01 \x01(\t\x12\x37\n\tdecisions\x18\x02 \x03(\x0b\x32$.agentmesh.agent.v1.ToolCallDecision\"O\n\nRunResumed\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12 \n\x18\x64iscarded_after_sequence\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\"q\n\rStepCompleted\x12\x13\n\x0b\x64uration_ms\x18\x01 \x01(\x01\x12\x10\n\x08model_ms\x18\x02 \x01(\x01\x12\x10\n\x08tools_ms\x18\x03 \x01(\x01\x12\x13\n\x0boverhead_ms\x18\x04 \x01(\x01\x12\x12\n\ntool_calls\x18\x05 \x01(\r\":\n\x10ResumeRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\r\"C\n\x11ResumeRunResponse\x12.\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1f.agentmesh.agent.v1.RunResponse\"x\n\x17ResolveInterruptRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x14\n\x0cinterrupt_id\x18\x02 \x01(\t\x12\x37\n\tdecisions\x18\x03 \x03(\x0b\x32$.agentmesh.agent.v1.ToolCallDecision\"J\n\x18ResolveInterruptResponse\x12.\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1f.agentmesh.agent.v1.RunResponse\"2\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"=\n\x11\x43\x61ncelRunResponse\x12(\n\x03run\x18\x01 \x01(\x0b\x32\x1b.agentmesh.agent.v1.RunInfo\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\":\n\x0eGetRunResponse\x12(\n\x03run\x18\x01 \x01(\x0b\x32\x1b.agentmesh.agent.v1.RunInfo\"\xb0\x03\n\x07RunInfo\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12+\n\x05phase\x18\x04 \x01(\x0e\x32\x1c.agentmesh.agent.v1.RunPhase\x12-\n\x06status\x18\x05 \x01(\x0e\x32\x1d.agentmesh.agent.v1.RunStatus\x12\x15\n\rlast_sequence\x18\x06 \x01(\r\x12\x16\n\x0e\x66irst_sequence\x18\x07 \x01(\r\x12\r\n\x05steps\x18\x08 \x01(\r\x12)\n\x05usage\x18\t \x01(\x0b\x32\x1a.agentmesh.common.v1.Usage\x12\x10\n\x08\x63ost_usd\x18\n \x01(\x01\x12\x0e\n\x06output\x18\x0b \x01(\t\x12\x35\n\tinterrupt\x18\x0c \x01(\x0b\x32\".agentmesh.agent.v1.RunInterrupted\x12\x15\n\rcreated_at_ms\x18\r \x01(\x03\x12\x15\n\rupdated_at_ms\x18\x0e \x01(\x03\x12\x15\n\rerror_message\x18\x0f \x01(\t\x12\x0f\n\x07replica\x18\x10 \x01(\t\"\x13\n\x11ListAgentsRequest\"M\n\tAgentInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0f\n\x07members\x18\x04 \x03(\t\"C\n\x12ListAgentsResponse\x12-\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x1d.agentmesh.agent.v1.AgentInfo*c\n\x0cOnDisconnect\x12\x1d\n\x19ON_DISCONNECT_UNSPECIFIED\x10\x00\x12\x18\n\x14ON_DISCONNECT_CANCEL\x10\x01\x12\x1a\n\x16ON_DISCONNECT_CONTINUE\x10\x02*\xc9\x01\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14RUN_STATUS_COMPLETED\x10\x01\x12\x18\n\x14RUN_STATUS_MAX_STEPS\x10\x02\x12\x1f\n\x1bRUN_STATUS_BUDGET_EXHAUSTED\x10\x03\x12\x18\n\x14RUN_STATUS_CANCELLED\x10\x04\x12\x1a\n\x16RUN_STATUS_INTERRUPTED\x10\x05\x12\x15\n\x11RUN_STATUS_FAILED\x10\x06*\xbc\x01\n\tAgentRole\x12\x1a\n\x16\x41GENT_ROLE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41GENT_ROLE_SINGLE\x10\x01\x12\x14\n\x10\x41GENT_ROLE_STAGE\x10\x02\x12\x15\n\x11\x41GENT_ROLE_BRANCH\x10\x03\x12\x19\n\x15\x41GENT_ROLE_AGGREGATOR\x10\x04\x12\x19\n\x15\x41GENT_ROLE_SUPERVISOR\x10\x05\x12\x19\n\x15\x41GENT_ROLE_SPECIALIST\x10\x06*o\n\x08RunPhase\x12\x19\n\x15RUN_PHASE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_PHASE_RUNNING\x10\x01\x12\x19\n\x15RUN_PHASE_INTERRUPTED\x10\x02\x12\x16\n\x12RUN_PHASE_FINISHED\x10\x03\x32\xe7\x05\n\x0c\x41gentService\x12\x62\n\x03Run\x12\x1e.agentmesh.agent.v1.RunRequest\x1a\x1f.agentmesh.agent.v1.RunResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/v1/agent:run:\x01*0\x01\x12\x7f\n\tResumeRun\x12$.agentmesh.agent.v1.ResumeRunRequest\x1a%.agentmesh.agent.v1.ResumeRunResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/runs/{run_id}:resume:\x01*0\x01\x12\x95\x01\n\x10ResolveInterrupt\x12+.agentmesh.agent.v1.ResolveInterruptRequest\x1a,.agentmesh.agent.v1.ResolveInterruptResponse\"$\x82\xd3\xe4\x93\x02\x1e\"\x19/v1/runs/{run_id}:resolve:\x01*0\x01\x12}\n\tCancelRun\x12$.agentmesh.agent.v1.CancelRunRequest\x1a%.agentmesh.agent.v1.CancelRunResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/runs/{run_id}:cancel:\x01*\x12j\n\x06GetRun\x12!.agentmesh.agent.v1.GetRunRequest\x1a\".agentmesh.agent.v1.GetRunResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/runs/{run_id}\x12o\n\nListAgents\x12%.agentmesh.agent.v1.ListAgentsRequest\x1a&.agentmesh.agent.v1.ListAgentsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/agentsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentmesh.agent.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RUNSTATUS']._serialized_start=1727
-  _globals['_RUNSTATUS']._serialized_end=1818
-  _globals['_RUNREQUEST']._serialized_start=119
-  _globals['_RUNREQUEST']._serialized_end=297
-  _globals['_RUNSTARTED']._serialized_start=299
-  _globals['_RUNSTARTED']._serialized_end=367
-  _globals['_MEMORYLOADED']._serialized_start=369
-  _globals['_MEMORYLOADED']._serialized_end=443
-  _globals['_RETRIEVALCOMPLETED']._serialized_start=445
-  _globals['_RETRIEVALCOMPLETED']._serialized_end=509
-  _globals['_STEPSTARTED']._serialized_start=511
-  _globals['_STEPSTARTED']._serialized_end=603
-  _globals['_TEXTDELTA']._serialized_start=605
-  _globals['_TEXTDELTA']._serialized_end=630
-  _globals['_TOOLCALLSTARTED']._serialized_start=632
-  _globals['_TOOLCALLSTARTED']._serialized_end=699
-  _globals['_TOOLCALLPROGRESS']._serialized_start=701
-  _globals['_TOOLCALLPROGRESS']._serialized_end=794
-  _globals['_TOOLCALLCOMPLETED']._serialized_start=797
-  _globals['_TOOLCALLCOMPLETED']._serialized_end=954
-  _globals['_RUNCOMPLETED']._serialized_start=957
-  _globals['_RUNCOMPLETED']._serialized_end=1167
-  _globals['_RUNRESPONSE']._serialized_start=1170
-  _globals['_RUNRESPONSE']._serialized_end=1725
-  _globals['_AGENTSERVICE']._serialized_start=1820
-  _globals['_AGENTSERVICE']._serialized_end=1908
+  _globals['_AGENTSERVICE'].methods_by_name['Run']._loaded_options = None
+  _globals['_AGENTSERVICE'].methods_by_name['Run']._serialized_options = b'\202\323\344\223\002\022\"\r/v1/agent:run:\001*'
+  _globals['_AGENTSERVICE'].methods_by_name['ResumeRun']._loaded_options = None
+  _globals['_AGENTSERVICE'].methods_by_name['ResumeRun']._serialized_options = b'\202\323\344\223\002\035\"\030/v1/runs/{run_id}:resume:\001*'
+  _globals['_AGENTSERVICE'].methods_by_name['ResolveInterrupt']._loaded_options = None
+  _globals['_AGENTSERVICE'].methods_by_name['ResolveInterrupt']._serialized_options = b'\202\323\344\223\002\036\"\031/v1/runs/{run_id}:resolve:\001*'
+  _globals['_AGENTSERVICE'].methods_by_name['CancelRun']._loaded_options = None
+  _globals['_AGENTSERVICE'].methods_by_name['CancelRun']._serialized_options = b'\202\323\344\223\002\035\"\030/v1/runs/{run_id}:cancel:\001*'
+  _globals['_AGENTSERVICE'].methods_by_name['GetRun']._loaded_options = None
+  _globals['_AGENTSERVICE'].methods_by_name['GetRun']._serialized_options = b'\202\323\344\223\002\023\022\021/v1/runs/{run_id}'
+  _globals['_AGENTSERVICE'].methods_by_name['ListAgents']._loaded_options = None
+  _globals['_AGENTSERVICE'].methods_by_name['ListAgents']._serialized_options = b'\202\323\344\223\002\014\022\n/v1/agents'
+  _globals['_ONDISCONNECT']._serialized_start=4554
+  _globals['_ONDISCONNECT']._serialized_end=4653
+  _globals['_RUNSTATUS']._serialized_start=4656
+  _globals['_RUNSTATUS']._serialized_end=4857
+  _globals['_AGENTROLE']._serialized_start=4860
+  _globals['_AGENTROLE']._serialized_end=5048
+  _globals['_RUNPHASE']._serialized_start=5050
+  _globals['_RUNPHASE']._serialized_end=5161
+  _globals['_RUNREQUEST']._serialized_start=149
+  _globals['_RUNREQUEST']._serialized_end=399
+  _globals['_RUNSTARTED']._serialized_start=401
+  _globals['_RUNSTARTED']._serialized_end=484
+  _globals['_MEMORYLOADED']._serialized_start=486
+  _globals['_MEMORYLOADED']._serialized_end=560
+  _globals['_RETRIEVALCOMPLETED']._serialized_start=562
+  _globals['_RETRIEVALCOMPLETED']._serialized_end=626
+  _globals['_STEPSTARTED']._serialized_start=628
+  _globals['_STEPSTARTED']._serialized_end=720
+  _globals['_TEXTDELTA']._serialized_start=722
+  _globals['_TEXTDELTA']._serialized_end=747
+  _globals['_TOOLCALLSTARTED']._serialized_start=749
+  _globals['_TOOLCALLSTARTED']._serialized_end=816
+  _globals['_TOOLCALLPROGRESS']._serialized_start=818
+  _globals['_TOOLCALLPROGRESS']._serialized_end=911
+  _globals['_TOOLCALLCOMPLETED']._serialized_start=914
+  _globals['_TOOLCALLCOMPLETED']._serialized_end=1071
+  _globals['_RUNCOMPLETED']._serialized_start=1074
+  _globals['_RUNCOMPLETED']._serialized_end=1302
+  _globals['_RUNRESPONSE']._serialized_start=1305
+  _globals['_RUNRESPONSE']._serialized_end=2320
+  _globals['_AGENTSTARTED']._serialized_start=2323
+  _globals['_AGENTSTARTED']._serialized_end=2465
+  _globals['_AGENTCOMPLETED']._serialized_start=2468
+  _globals['_AGENTCOMPLETED']._serialized_end=2661
+  _globals['_HANDOFF']._serialized_start=2664
+  _globals['_HANDOFF']._serialized_end=2801
+  _globals['_APPROVALREQUEST']._serialized_start=2803
+  _globals['_APPROVALREQUEST']._serialized_end=2922
+  _globals['_RUNINTERRUPTED']._serialized_start=2924
+  _globals['_RUNINTERRUPTED']._serialized_end=3018
+  _globals['_TOOLCALLDECISION']._serialized_start=3020
+  _globals['_TOOLCALLDECISION']._serialized_end=3117
+  _globals['_INTERRUPTRESOLVED']._serialized_start=3119
+  _globals['_INTERRUPTRESOLVED']._serialized_end=3217
+  _globals['_RUNRESUMED']._serialized_start=3219
+  _globals['_RUNRESUMED']._serialized_end=3298
+  _globals['_STEPCOMPLETED']._serialized_start=3300
+  _globals['_STEPCOMPLETED']._serialized_end=3413
+  _globals['_RESUMERUNREQUEST']._serialized_start=3415
+  _globals['_RESUMERUNREQUEST']._serialized_end=3473
+  _globals['_RESUMERUNRESPONSE']._serialized_start=3475
+  _globals['_RESUMERUNRESPONSE']._serialized_end=3542
+  _globals['_RESOLVEINTERRUPTREQUEST']._serialized_start=3544
+  _globals['_RESOLVEINTERRUPTREQUEST']._serialized_end=3664
+  _globals['_RESOLVEINTERRUPTRESPONSE']._serialized_start=3666
+  _globals['_RESOLVEINTERRUPTRESPONSE']._serialized_end=3740
+  _globals['_CANCELRUNREQUEST']._serialized_start=3742
+  _globals['_CANCELRUNREQUEST']._serialized_end=3792
+  _globals['_CANCELRUNRESPONSE']._serialized_start=3794
+  _globals['_CANCELRUNRESPONSE']._serialized_end=3855
+  _globals['_GETRUNREQUEST']._serialized_start=3857
+  _globals['_GETRUNREQUEST']._serialized_end=3888
+  _globals['_GETRUNRESPONSE']._serialized_start=3890
+  _globals['_GETRUNRESPONSE']._serialized_end=3948
+  _globals['_RUNINFO']._serialized_start=3951
+  _globals['_RUNINFO']._serialized_end=4383
+  _globals['_LISTAGENTSREQUEST']._serialized_start=4385
+  _globals['_LISTAGENTSREQUEST']._serialized_end=4404
+  _globals['_AGENTINFO']._serialized_start=4406
+  _globals['_AGENTINFO']._serialized_end=4483
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=4485
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=4552
+  _globals['_AGENTSERVICE']._serialized_start=5164
+  _globals['_AGENTSERVICE']._serialized_end=5907
 # @@protoc_insertion_point(module_scope)

@@ -27,7 +27,8 @@ if _version_not_supported:
 
 class AgentServiceStub:
     """AgentService runs an agent turn: load session memory, retrieve context, generate with tool
-    calls, and stream every step to the caller.
+    calls, and stream every step to the caller. A run is an agent or a multi-agent workflow; it is
+    checkpointed in Redis after every step, so any replica can resume it by id.
     """
 
     def __init__(self, channel):
@@ -41,17 +42,95 @@ class AgentServiceStub:
                 request_serializer=agentmesh_dot_agent_dot_v1_dot_agent__pb2.RunRequest.SerializeToString,
                 response_deserializer=agentmesh_dot_agent_dot_v1_dot_agent__pb2.RunResponse.FromString,
                 _registered_method=True)
+        self.ResumeRun = channel.unary_stream(
+                '/agentmesh.agent.v1.AgentService/ResumeRun',
+                request_serializer=agentmesh_dot_agent_dot_v1_dot_agent__pb2.ResumeRunRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_agent_dot_v1_dot_agent__pb2.ResumeRunResponse.FromString,
+                _registered_method=True)
+        self.ResolveInterrupt = channel.unary_stream(
+                '/agentmesh.agent.v1.AgentService/ResolveInterrupt',
+                request_serializer=agentmesh_dot_agent_dot_v1_dot_agent__pb2.ResolveInterruptRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_agent_dot_v1_dot_agent__pb2.ResolveInterruptResponse.FromString,
+                _registered_method=True)
+        self.CancelRun = channel.unary_unary(
+                '/agentmesh.agent.v1.AgentService/CancelRun',
+                request_serializer=agentmesh_dot_agent_dot_v1_dot_agent__pb2.CancelRunRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_agent_dot_v1_dot_agent__pb2.CancelRunResponse.FromString,
+                _registered_method=True)
+        self.GetRun = channel.unary_unary(
+                '/agentmesh.agent.v1.AgentService/GetRun',
+                request_serializer=agentmesh_dot_agent_dot_v1_dot_agent__pb2.GetRunRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_agent_dot_v1_dot_agent__pb2.GetRunResponse.FromString,
+                _registered_method=True)
+        self.ListAgents = channel.unary_unary(
+                '/agentmesh.agent.v1.AgentService/ListAgents',
+                request_serializer=agentmesh_dot_agent_dot_v1_dot_agent__pb2.ListAgentsRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_agent_dot_v1_dot_agent__pb2.ListAgentsResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
     """AgentService runs an agent turn: load session memory, retrieve context, generate with tool
-    calls, and stream every step to the caller.
+    calls, and stream every step to the caller. A run is an agent or a multi-agent workflow; it is
+    checkpointed in Redis after every step, so any replica can resume it by id.
     """
 
     def Run(self, request, context):
-        """Run streams the events of one agent turn. The last event is always `final`; a failure ends
-        the stream with a gRPC status instead (INVALID_ARGUMENT, DEADLINE_EXCEEDED, UNAVAILABLE...).
-        The turn is appended to the session's memory only when it completes.
+        """Run streams the events of one agent turn. The last event is always `final` (its status says
+        whether the run completed, stopped at a limit, was cancelled, or paused for an approval); a
+        failure ends the stream with a gRPC status instead (INVALID_ARGUMENT, NOT_FOUND,
+        FAILED_PRECONDITION, DEADLINE_EXCEEDED, UNAVAILABLE...). The turn is appended to the
+        session's memory only when the run ends COMPLETED, MAX_STEPS or BUDGET_EXHAUSTED.
+        Over HTTP (gRPC-JSON transcoding at the gateway): `POST /v1/agent:run` with the request as
+        JSON; the events stream back as newline-delimited JSON objects.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeRun(self, request, context):
+        """ResumeRun streams a run's events after `after_sequence`: first the stored ones, then the
+        new ones as they happen, until the run ends (its last `final`) or, paused, has nothing more
+        to send (after a `final` of status INTERRUPTED). A client that lost its stream calls it with
+        the last sequence it saw. When the replica that ran the run is gone (its lease expired), the
+        replica serving this call takes the run over from its last checkpoint (a `resumed` event
+        says so) and runs it to the end. NOT_FOUND for an unknown run (or one of another tenant);
+        OUT_OF_RANGE when events after `after_sequence` are no longer stored; a run that failed ends
+        the stream with the status it failed with.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResolveInterrupt(self, request, context):
+        """ResolveInterrupt approves or rejects the tool calls a paused run waits for (every pending
+        call needs a decision) and streams the run from there, like Run. Approved calls run; a
+        rejected call's result tells the model it was rejected, and why. Works on any replica, also
+        after the one that paused the run restarted. NOT_FOUND, INVALID_ARGUMENT (a decision missing,
+        unknown or given twice), FAILED_PRECONDITION (the run is not waiting for this interrupt).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelRun(self, request, context):
+        """CancelRun stops a run wherever it runs (its provider stream and running tools are stopped)
+        or, when it is paused, ends it; the run's stream ends with a `final` event of status
+        CANCELLED. NOT_FOUND; FAILED_PRECONDITION when the run already finished.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRun(self, request, context):
+        """GetRun describes a run from its last checkpoint: phase, status, usage, pending approvals.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAgents(self, request, context):
+        """ListAgents lists the agents and workflows a RunRequest may name in `agent`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -65,6 +144,31 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     request_deserializer=agentmesh_dot_agent_dot_v1_dot_agent__pb2.RunRequest.FromString,
                     response_serializer=agentmesh_dot_agent_dot_v1_dot_agent__pb2.RunResponse.SerializeToString,
             ),
+            'ResumeRun': grpc.unary_stream_rpc_method_handler(
+                    servicer.ResumeRun,
+                    request_deserializer=agentmesh_dot_agent_dot_v1_dot_agent__pb2.ResumeRunRequest.FromString,
+                    response_serializer=agentmesh_dot_agent_dot_v1_dot_agent__pb2.ResumeRunResponse.SerializeToString,
+            ),
+            'ResolveInterrupt': grpc.unary_stream_rpc_method_handler(
+                    servicer.ResolveInterrupt,
+                    request_deserializer=agentmesh_dot_agent_dot_v1_dot_agent__pb2.ResolveInterruptRequest.FromString,
+                    response_serializer=agentmesh_dot_agent_dot_v1_dot_agent__pb2.ResolveInterruptResponse.SerializeToString,
+            ),
+            'CancelRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelRun,
+                    request_deserializer=agentmesh_dot_agent_dot_v1_dot_agent__pb2.CancelRunRequest.FromString,
+                    response_serializer=agentmesh_dot_agent_dot_v1_dot_agent__pb2.CancelRunResponse.SerializeToString,
+            ),
+            'GetRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRun,
+                    request_deserializer=agentmesh_dot_agent_dot_v1_dot_agent__pb2.GetRunRequest.FromString,
+                    response_serializer=agentmesh_dot_agent_dot_v1_dot_agent__pb2.GetRunResponse.SerializeToString,
+            ),
+            'ListAgents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAgents,
+                    request_deserializer=agentmesh_dot_agent_dot_v1_dot_agent__pb2.ListAgentsRequest.FromString,
+                    response_serializer=agentmesh_dot_agent_dot_v1_dot_agent__pb2.ListAgentsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'agentmesh.agent.v1.AgentService', rpc_method_handlers)
@@ -75,7 +179,8 @@ def add_AgentServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class AgentService:
     """AgentService runs an agent turn: load session memory, retrieve context, generate with tool
-    calls, and stream every step to the caller.
+    calls, and stream every step to the caller. A run is an agent or a multi-agent workflow; it is
+    checkpointed in Redis after every step, so any replica can resume it by id.
     """
 
     @staticmethod
@@ -95,6 +200,141 @@ class AgentService:
             '/agentmesh.agent.v1.AgentService/Run',
             agentmesh_dot_agent_dot_v1_dot_agent__pb2.RunRequest.SerializeToString,
             agentmesh_dot_agent_dot_v1_dot_agent__pb2.RunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agentmesh.agent.v1.AgentService/ResumeRun',
+            agentmesh_dot_agent_dot_v1_dot_agent__pb2.ResumeRunRequest.SerializeToString,
+            agentmesh_dot_agent_dot_v1_dot_agent__pb2.ResumeRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveInterrupt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agentmesh.agent.v1.AgentService/ResolveInterrupt',
+            agentmesh_dot_agent_dot_v1_dot_agent__pb2.ResolveInterruptRequest.SerializeToString,
+            agentmesh_dot_agent_dot_v1_dot_agent__pb2.ResolveInterruptResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.agent.v1.AgentService/CancelRun',
+            agentmesh_dot_agent_dot_v1_dot_agent__pb2.CancelRunRequest.SerializeToString,
+            agentmesh_dot_agent_dot_v1_dot_agent__pb2.CancelRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.agent.v1.AgentService/GetRun',
+            agentmesh_dot_agent_dot_v1_dot_agent__pb2.GetRunRequest.SerializeToString,
+            agentmesh_dot_agent_dot_v1_dot_agent__pb2.GetRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAgents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.agent.v1.AgentService/ListAgents',
+            agentmesh_dot_agent_dot_v1_dot_agent__pb2.ListAgentsRequest.SerializeToString,
+            agentmesh_dot_agent_dot_v1_dot_agent__pb2.ListAgentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

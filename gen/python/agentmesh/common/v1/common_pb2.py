@@ -25,17 +25,19 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n agentmesh/common/v1/common.proto\x12\x13\x61gentmesh.common.v1\x1a\x1cgoogle/protobuf/struct.proto\"P\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12*\n\targuments\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x9a\x01\n\x07Message\x12\'\n\x04role\x18\x01 \x01(\x0e\x32\x19.agentmesh.common.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x31\n\ntool_calls\x18\x03 \x03(\x0b\x32\x1d.agentmesh.common.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"g\n\x0eToolDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x32\n\x11parameters_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"J\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x15\n\routput_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\x90\x01\n\x05\x43hunk\x12\x10\n\x08\x63hunk_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x12\n\nstart_char\x18\x06 \x01(\r\x12\x10\n\x08\x65nd_char\x18\x07 \x01(\r\x12\r\n\x05score\x18\x08 \x01(\x02\"D\n\x08\x43itation\x12\r\n\x05index\x18\x01 \x01(\r\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1a.agentmesh.common.v1.Chunk*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04*\x9f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x03\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n agentmesh/common/v1/common.proto\x12\x13\x61gentmesh.common.v1\x1a\x1cgoogle/protobuf/struct.proto\"P\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12*\n\targuments\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x9a\x01\n\x07Message\x12\'\n\x04role\x18\x01 \x01(\x0e\x32\x19.agentmesh.common.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x31\n\ntool_calls\x18\x03 \x03(\x0b\x32\x1d.agentmesh.common.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"g\n\x0eToolDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x32\n\x11parameters_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"J\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x15\n\routput_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xd5\x02\n\x05\x43hunk\x12\x10\n\x08\x63hunk_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x12\n\nstart_char\x18\x06 \x01(\r\x12\x10\n\x08\x65nd_char\x18\x07 \x01(\r\x12\r\n\x05score\x18\x08 \x01(\x02\x12\x30\n\x06scores\x18\t \x01(\x0b\x32 .agentmesh.common.v1.ChunkScores\x12\x13\n\x0b\x63hunk_index\x18\n \x01(\r\x12\x0f\n\x07section\x18\x0b \x01(\t\x12:\n\x08metadata\x18\x0c \x03(\x0b\x32(.agentmesh.common.v1.Chunk.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb2\x01\n\x0b\x43hunkScores\x12\x12\n\x05\x64\x65nse\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x13\n\x06sparse\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05\x66used\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x13\n\x06rerank\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\ndense_rank\x18\x05 \x01(\r\x12\x13\n\x0bsparse_rank\x18\x06 \x01(\rB\x08\n\x06_denseB\t\n\x07_sparseB\x08\n\x06_fusedB\t\n\x07_rerank\"D\n\x08\x43itation\x12\r\n\x05index\x18\x01 \x01(\r\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1a.agentmesh.common.v1.Chunk*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04*\x9f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x03\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentmesh.common.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=724
-  _globals['_ROLE']._serialized_end=819
-  _globals['_FINISHREASON']._serialized_start=822
-  _globals['_FINISHREASON']._serialized_end=981
+  _globals['_CHUNK_METADATAENTRY']._loaded_options = None
+  _globals['_CHUNK_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_ROLE']._serialized_start=1102
+  _globals['_ROLE']._serialized_end=1197
+  _globals['_FINISHREASON']._serialized_start=1200
+  _globals['_FINISHREASON']._serialized_end=1359
   _globals['_TOOLCALL']._serialized_start=87
   _globals['_TOOLCALL']._serialized_end=167
   _globals['_MESSAGE']._serialized_start=170
@@ -45,7 +47,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGE']._serialized_start=431
   _globals['_USAGE']._serialized_end=505
   _globals['_CHUNK']._serialized_start=508
-  _globals['_CHUNK']._serialized_end=652
-  _globals['_CITATION']._serialized_start=654
-  _globals['_CITATION']._serialized_end=722
+  _globals['_CHUNK']._serialized_end=849
+  _globals['_CHUNK_METADATAENTRY']._serialized_start=802
+  _globals['_CHUNK_METADATAENTRY']._serialized_end=849
+  _globals['_CHUNKSCORES']._serialized_start=852
+  _globals['_CHUNKSCORES']._serialized_end=1030
+  _globals['_CITATION']._serialized_start=1032
+  _globals['_CITATION']._serialized_end=1100
 # @@protoc_insertion_point(module_scope)

@@ -79,7 +79,14 @@ class Usage(_message.Message):
     def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("chunk_id", "document_id", "title", "source", "text", "start_char", "end_char", "score")
+    __slots__ = ("chunk_id", "document_id", "title", "source", "text", "start_char", "end_char", "score", "scores", "chunk_index", "section", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     CHUNK_ID_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +95,10 @@ class Chunk(_message.Message):
     START_CHAR_FIELD_NUMBER: _ClassVar[int]
     END_CHAR_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SECTION_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
     chunk_id: str
     document_id: str
     title: str
@@ -96,7 +107,27 @@ class Chunk(_message.Message):
     start_char: int
     end_char: int
     score: float
-    def __init__(self, chunk_id: _Optional[str] = ..., document_id: _Optional[str] = ..., title: _Optional[str] = ..., source: _Optional[str] = ..., text: _Optional[str] = ..., start_char: _Optional[int] = ..., end_char: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
+    scores: ChunkScores
+    chunk_index: int
+    section: str
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, chunk_id: _Optional[str] = ..., document_id: _Optional[str] = ..., title: _Optional[str] = ..., source: _Optional[str] = ..., text: _Optional[str] = ..., start_char: _Optional[int] = ..., end_char: _Optional[int] = ..., score: _Optional[float] = ..., scores: _Optional[_Union[ChunkScores, _Mapping]] = ..., chunk_index: _Optional[int] = ..., section: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ChunkScores(_message.Message):
+    __slots__ = ("dense", "sparse", "fused", "rerank", "dense_rank", "sparse_rank")
+    DENSE_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_FIELD_NUMBER: _ClassVar[int]
+    FUSED_FIELD_NUMBER: _ClassVar[int]
+    RERANK_FIELD_NUMBER: _ClassVar[int]
+    DENSE_RANK_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_RANK_FIELD_NUMBER: _ClassVar[int]
+    dense: float
+    sparse: float
+    fused: float
+    rerank: float
+    dense_rank: int
+    sparse_rank: int
+    def __init__(self, dense: _Optional[float] = ..., sparse: _Optional[float] = ..., fused: _Optional[float] = ..., rerank: _Optional[float] = ..., dense_rank: _Optional[int] = ..., sparse_rank: _Optional[int] = ...) -> None: ...
 
 class Citation(_message.Message):
     __slots__ = ("index", "chunk")

@@ -25,37 +25,57 @@ _sym_db = _symbol_database.Default()
 from agentmesh.common.v1 import common_pb2 as agentmesh_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61gentmesh/llm/v1/llm.proto\x12\x10\x61gentmesh.llm.v1\x1a agentmesh/common/v1/common.proto\"Q\n\x11GenerationOptions\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x42\x0e\n\x0c_temperature\"\xe7\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12.\n\x08messages\x18\x02 \x03(\x0b\x32\x1c.agentmesh.common.v1.Message\x12\x32\n\x05tools\x18\x03 \x03(\x0b\x32#.agentmesh.common.v1.ToolDefinition\x12+\n\x07\x63ontext\x18\x04 \x03(\x0b\x32\x1a.agentmesh.common.v1.Chunk\x12\x34\n\x07options\x18\x05 \x01(\x0b\x32#.agentmesh.llm.v1.GenerationOptions\"\x8e\x02\n\x10GenerateResponse\x12-\n\x07message\x18\x01 \x01(\x0b\x32\x1c.agentmesh.common.v1.Message\x12\x38\n\rfinish_reason\x18\x02 \x01(\x0e\x32!.agentmesh.common.v1.FinishReason\x12)\n\x05usage\x18\x03 \x01(\x0b\x32\x1a.agentmesh.common.v1.Usage\x12\x30\n\tcitations\x18\x04 \x03(\x0b\x32\x1d.agentmesh.common.v1.Citation\x12\x34\n\x08metadata\x18\x05 \x01(\x0b\x32\".agentmesh.llm.v1.ResponseMetadata\"\xed\x01\n\x15StreamGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12.\n\x08messages\x18\x02 \x03(\x0b\x32\x1c.agentmesh.common.v1.Message\x12\x32\n\x05tools\x18\x03 \x03(\x0b\x32#.agentmesh.common.v1.ToolDefinition\x12+\n\x07\x63ontext\x18\x04 \x03(\x0b\x32\x1a.agentmesh.common.v1.Chunk\x12\x34\n\x07options\x18\x05 \x01(\x0b\x32#.agentmesh.llm.v1.GenerationOptions\"S\n\x10ResponseMetadata\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06is_llm\x18\x03 \x01(\x08\x12\x0e\n\x06notice\x18\x04 \x01(\t\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"Q\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x17\n\x0f\x61rguments_delta\x18\x04 \x01(\t\"f\n\x06\x46inish\x12\x31\n\x06reason\x18\x01 \x01(\x0e\x32!.agentmesh.common.v1.FinishReason\x12)\n\x05usage\x18\x02 \x01(\x0b\x32\x1a.agentmesh.common.v1.Usage\"\xd4\x02\n\x16StreamGenerateResponse\x12\x36\n\x08metadata\x18\x01 \x01(\x0b\x32\".agentmesh.llm.v1.ResponseMetadataH\x00\x12\x31\n\ntext_delta\x18\x02 \x01(\x0b\x32\x1b.agentmesh.llm.v1.TextDeltaH\x00\x12:\n\x0ftool_call_delta\x18\x03 \x01(\x0b\x32\x1f.agentmesh.llm.v1.ToolCallDeltaH\x00\x12\x31\n\x08\x63itation\x18\x04 \x01(\x0b\x32\x1d.agentmesh.common.v1.CitationH\x00\x12+\n\x05usage\x18\x05 \x01(\x0b\x32\x1a.agentmesh.common.v1.UsageH\x00\x12*\n\x06\x66inish\x18\x06 \x01(\x0b\x32\x18.agentmesh.llm.v1.FinishH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListModelsRequest\"K\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0e\n\x06is_llm\x18\x03 \x01(\x08\x12\x12\n\nis_default\x18\x04 \x01(\x08\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.agentmesh.llm.v1.Model2\x9f\x02\n\nLLMService\x12Q\n\x08Generate\x12!.agentmesh.llm.v1.GenerateRequest\x1a\".agentmesh.llm.v1.GenerateResponse\x12\x65\n\x0eStreamGenerate\x12\'.agentmesh.llm.v1.StreamGenerateRequest\x1a(.agentmesh.llm.v1.StreamGenerateResponse0\x01\x12W\n\nListModels\x12#.agentmesh.llm.v1.ListModelsRequest\x1a$.agentmesh.llm.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61gentmesh/llm/v1/llm.proto\x12\x10\x61gentmesh.llm.v1\x1a agentmesh/common/v1/common.proto\"a\n\x0eRoutingOptions\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x17\n\x0f\x66\x61llback_models\x18\x02 \x03(\t\x12\r\n\x05\x63\x61\x63he\x18\x03 \x01(\x08\x12\x13\n\x0b\x63\x61\x63he_ttl_s\x18\x04 \x01(\r\"Q\n\x11GenerationOptions\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x42\x0e\n\x0c_temperature\"\x9a\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12.\n\x08messages\x18\x02 \x03(\x0b\x32\x1c.agentmesh.common.v1.Message\x12\x32\n\x05tools\x18\x03 \x03(\x0b\x32#.agentmesh.common.v1.ToolDefinition\x12+\n\x07\x63ontext\x18\x04 \x03(\x0b\x32\x1a.agentmesh.common.v1.Chunk\x12\x34\n\x07options\x18\x05 \x01(\x0b\x32#.agentmesh.llm.v1.GenerationOptions\x12\x31\n\x07routing\x18\x06 \x01(\x0b\x32 .agentmesh.llm.v1.RoutingOptions\"\x8e\x02\n\x10GenerateResponse\x12-\n\x07message\x18\x01 \x01(\x0b\x32\x1c.agentmesh.common.v1.Message\x12\x38\n\rfinish_reason\x18\x02 \x01(\x0e\x32!.agentmesh.common.v1.FinishReason\x12)\n\x05usage\x18\x03 \x01(\x0b\x32\x1a.agentmesh.common.v1.Usage\x12\x30\n\tcitations\x18\x04 \x03(\x0b\x32\x1d.agentmesh.common.v1.Citation\x12\x34\n\x08metadata\x18\x05 \x01(\x0b\x32\".agentmesh.llm.v1.ResponseMetadata\"\xa0\x02\n\x15StreamGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12.\n\x08messages\x18\x02 \x03(\x0b\x32\x1c.agentmesh.common.v1.Message\x12\x32\n\x05tools\x18\x03 \x03(\x0b\x32#.agentmesh.common.v1.ToolDefinition\x12+\n\x07\x63ontext\x18\x04 \x03(\x0b\x32\x1a.agentmesh.common.v1.Chunk\x12\x34\n\x07options\x18\x05 \x01(\x0b\x32#.agentmesh.llm.v1.GenerationOptions\x12\x31\n\x07routing\x18\x06 \x01(\x0b\x32 .agentmesh.llm.v1.RoutingOptions\"\xa2\x01\n\x10ResponseMetadata\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06is_llm\x18\x03 \x01(\x08\x12\x0e\n\x06notice\x18\x04 \x01(\t\x12\x12\n\ndeployment\x18\x05 \x01(\t\x12\x17\n\x0frequested_model\x18\x06 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x07 \x01(\r\x12\x0e\n\x06\x63\x61\x63hed\x18\x08 \x01(\x08\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"Q\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x17\n\x0f\x61rguments_delta\x18\x04 \x01(\t\"\x91\x01\n\x06\x46inish\x12\x31\n\x06reason\x18\x01 \x01(\x0e\x32!.agentmesh.common.v1.FinishReason\x12)\n\x05usage\x18\x02 \x01(\x0b\x32\x1a.agentmesh.common.v1.Usage\x12\x10\n\x08\x63ost_usd\x18\x03 \x01(\x01\x12\x17\n\x0fusage_estimated\x18\x04 \x01(\x08\"\x96\x01\n\x11StreamInterrupted\x12\x31\n\rpartial_usage\x18\x01 \x01(\x0b\x32\x1a.agentmesh.common.v1.Usage\x12\x17\n\x0fusage_estimated\x18\x02 \x01(\x08\x12\x10\n\x08\x63ost_usd\x18\x03 \x01(\x01\x12\x13\n\x0bsent_deltas\x18\x04 \x01(\r\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\x90\x03\n\x16StreamGenerateResponse\x12\x36\n\x08metadata\x18\x01 \x01(\x0b\x32\".agentmesh.llm.v1.ResponseMetadataH\x00\x12\x31\n\ntext_delta\x18\x02 \x01(\x0b\x32\x1b.agentmesh.llm.v1.TextDeltaH\x00\x12:\n\x0ftool_call_delta\x18\x03 \x01(\x0b\x32\x1f.agentmesh.llm.v1.ToolCallDeltaH\x00\x12\x31\n\x08\x63itation\x18\x04 \x01(\x0b\x32\x1d.agentmesh.common.v1.CitationH\x00\x12+\n\x05usage\x18\x05 \x01(\x0b\x32\x1a.agentmesh.common.v1.UsageH\x00\x12*\n\x06\x66inish\x18\x06 \x01(\x0b\x32\x18.agentmesh.llm.v1.FinishH\x00\x12:\n\x0binterrupted\x18\x07 \x01(\x0b\x32#.agentmesh.llm.v1.StreamInterruptedH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListModelsRequest\"\xf4\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0e\n\x06is_llm\x18\x03 \x01(\x08\x12\x12\n\nis_default\x18\x04 \x01(\x08\x12\x33\n\x08strategy\x18\x05 \x01(\x0e\x32!.agentmesh.llm.v1.RoutingStrategy\x12\x31\n\x0b\x64\x65ployments\x18\x06 \x03(\x0b\x32\x1c.agentmesh.llm.v1.Deployment\x12\x17\n\x0f\x66\x61llback_models\x18\x07 \x03(\t\x12&\n\x1e\x63ontext_window_fallback_models\x18\x08 \x03(\t\"\x92\x03\n\nDeployment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x16\n\x0eupstream_model\x18\x03 \x01(\t\x12\x10\n\x08\x62\x61se_url\x18\x04 \x01(\t\x12\x0e\n\x06weight\x18\x05 \x01(\r\x12\x11\n\trpm_limit\x18\x06 \x01(\r\x12\x11\n\ttpm_limit\x18\x07 \x01(\r\x12$\n\x1cinput_usd_per_million_tokens\x18\x08 \x01(\x01\x12%\n\x1doutput_usd_per_million_tokens\x18\t \x01(\x01\x12\x1d\n\x15\x63ontext_window_tokens\x18\n \x01(\r\x12\x35\n\rcircuit_state\x18\x0b \x01(\x0e\x32\x1e.agentmesh.llm.v1.CircuitState\x12\x11\n\tin_flight\x18\x0c \x01(\r\x12\x14\n\x0cttft_ewma_ms\x18\r \x01(\x01\x12\x1e\n\x16\x66irst_token_timeout_ms\x18\x0e \x01(\r\x12\x18\n\x10total_timeout_ms\x18\x0f \x01(\r\"\xc8\x01\n\x12\x43ountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12.\n\x08messages\x18\x02 \x03(\x0b\x32\x1c.agentmesh.common.v1.Message\x12\x32\n\x05tools\x18\x03 \x03(\x0b\x32#.agentmesh.common.v1.ToolDefinition\x12+\n\x07\x63ontext\x18\x04 \x03(\x0b\x32\x1a.agentmesh.common.v1.Chunk\x12\x12\n\ndeployment\x18\x05 \x01(\t\"\x9e\x01\n\x13\x43ountTokensResponse\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x13\n\x0b\x61pproximate\x18\x02 \x01(\x08\x12\x11\n\ttokenizer\x18\x03 \x01(\t\x12\x12\n\ndeployment\x18\x04 \x01(\t\x12\x16\n\x0eupstream_model\x18\x05 \x01(\t\x12\x1d\n\x15\x63ontext_window_tokens\x18\x06 \x01(\r\"\x11\n\x0fGetSpendRequest\"l\n\x05Spend\x12\r\n\x05scope\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x11\n\tspent_usd\x18\x03 \x01(\x01\x12\x12\n\nbudget_usd\x18\x04 \x01(\x01\x12\x0e\n\x06period\x18\x05 \x01(\t\x12\x11\n\tperiod_id\x18\x06 \x01(\t\";\n\x10GetSpendResponse\x12\'\n\x06spends\x18\x01 \x03(\x0b\x32\x17.agentmesh.llm.v1.Spend\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.agentmesh.llm.v1.Model*\xde\x01\n\x0fRoutingStrategy\x12 \n\x1cROUTING_STRATEGY_UNSPECIFIED\x10\x00\x12\x1d\n\x19ROUTING_STRATEGY_FALLBACK\x10\x01\x12\x1d\n\x19ROUTING_STRATEGY_WEIGHTED\x10\x02\x12$\n ROUTING_STRATEGY_LEAST_IN_FLIGHT\x10\x03\x12#\n\x1fROUTING_STRATEGY_LOWEST_LATENCY\x10\x04\x12 \n\x1cROUTING_STRATEGY_LOWEST_COST\x10\x05*|\n\x0c\x43ircuitState\x12\x1d\n\x19\x43IRCUIT_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43IRCUIT_STATE_CLOSED\x10\x01\x12\x16\n\x12\x43IRCUIT_STATE_OPEN\x10\x02\x12\x1b\n\x17\x43IRCUIT_STATE_HALF_OPEN\x10\x03\x32\xce\x03\n\nLLMService\x12Q\n\x08Generate\x12!.agentmesh.llm.v1.GenerateRequest\x1a\".agentmesh.llm.v1.GenerateResponse\x12\x65\n\x0eStreamGenerate\x12\'.agentmesh.llm.v1.StreamGenerateRequest\x1a(.agentmesh.llm.v1.StreamGenerateResponse0\x01\x12W\n\nListModels\x12#.agentmesh.llm.v1.ListModelsRequest\x1a$.agentmesh.llm.v1.ListModelsResponse\x12Z\n\x0b\x43ountTokens\x12$.agentmesh.llm.v1.CountTokensRequest\x1a%.agentmesh.llm.v1.CountTokensResponse\x12Q\n\x08GetSpend\x12!.agentmesh.llm.v1.GetSpendRequest\x1a\".agentmesh.llm.v1.GetSpendResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentmesh.llm.v1.llm_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GENERATIONOPTIONS']._serialized_start=82
-  _globals['_GENERATIONOPTIONS']._serialized_end=163
-  _globals['_GENERATEREQUEST']._serialized_start=166
-  _globals['_GENERATEREQUEST']._serialized_end=397
-  _globals['_GENERATERESPONSE']._serialized_start=400
-  _globals['_GENERATERESPONSE']._serialized_end=670
-  _globals['_STREAMGENERATEREQUEST']._serialized_start=673
-  _globals['_STREAMGENERATEREQUEST']._serialized_end=910
-  _globals['_RESPONSEMETADATA']._serialized_start=912
-  _globals['_RESPONSEMETADATA']._serialized_end=995
-  _globals['_TEXTDELTA']._serialized_start=997
-  _globals['_TEXTDELTA']._serialized_end=1022
-  _globals['_TOOLCALLDELTA']._serialized_start=1024
-  _globals['_TOOLCALLDELTA']._serialized_end=1105
-  _globals['_FINISH']._serialized_start=1107
-  _globals['_FINISH']._serialized_end=1209
-  _globals['_STREAMGENERATERESPONSE']._serialized_start=1212
-  _globals['_STREAMGENERATERESPONSE']._serialized_end=1552
-  _globals['_LISTMODELSREQUEST']._serialized_start=1554
-  _globals['_LISTMODELSREQUEST']._serialized_end=1573
-  _globals['_MODEL']._serialized_start=1575
-  _globals['_MODEL']._serialized_end=1650
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1652
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1713
-  _globals['_LLMSERVICE']._serialized_start=1716
-  _globals['_LLMSERVICE']._serialized_end=2003
+  _globals['_ROUTINGSTRATEGY']._serialized_start=3383
+  _globals['_ROUTINGSTRATEGY']._serialized_end=3605
+  _globals['_CIRCUITSTATE']._serialized_start=3607
+  _globals['_CIRCUITSTATE']._serialized_end=3731
+  _globals['_ROUTINGOPTIONS']._serialized_start=82
+  _globals['_ROUTINGOPTIONS']._serialized_end=179
+  _globals['_GENERATIONOPTIONS']._serialized_start=181
+  _globals['_GENERATIONOPTIONS']._serialized_end=262
+  _globals['_GENERATEREQUEST']._serialized_start=265
+  _globals['_GENERATEREQUEST']._serialized_end=547
+  _globals['_GENERATERESPONSE']._serialized_start=550
+  _globals['_GENERATERESPONSE']._serialized_end=820
+  _globals['_STREAMGENERATEREQUEST']._serialized_start=823
+  _globals['_STREAMGENERATEREQUEST']._serialized_end=1111
+  _globals['_RESPONSEMETADATA']._serialized_start=1114
+  _globals['_RESPONSEMETADATA']._serialized_end=1276
+  _globals['_TEXTDELTA']._serialized_start=1278
+  _globals['_TEXTDELTA']._serialized_end=1303
+  _globals['_TOOLCALLDELTA']._serialized_start=1305
+  _globals['_TOOLCALLDELTA']._serialized_end=1386
+  _globals['_FINISH']._serialized_start=1389
+  _globals['_FINISH']._serialized_end=1534
+  _globals['_STREAMINTERRUPTED']._serialized_start=1537
+  _globals['_STREAMINTERRUPTED']._serialized_end=1687
+  _globals['_STREAMGENERATERESPONSE']._serialized_start=1690
+  _globals['_STREAMGENERATERESPONSE']._serialized_end=2090
+  _globals['_LISTMODELSREQUEST']._serialized_start=2092
+  _globals['_LISTMODELSREQUEST']._serialized_end=2111
+  _globals['_MODEL']._serialized_start=2114
+  _globals['_MODEL']._serialized_end=2358
+  _globals['_DEPLOYMENT']._serialized_start=2361
+  _globals['_DEPLOYMENT']._serialized_end=2763
+  _globals['_COUNTTOKENSREQUEST']._serialized_start=2766
+  _globals['_COUNTTOKENSREQUEST']._serialized_end=2966
+  _globals['_COUNTTOKENSRESPONSE']._serialized_start=2969
+  _globals['_COUNTTOKENSRESPONSE']._serialized_end=3127
+  _globals['_GETSPENDREQUEST']._serialized_start=3129
+  _globals['_GETSPENDREQUEST']._serialized_end=3146
+  _globals['_SPEND']._serialized_start=3148
+  _globals['_SPEND']._serialized_end=3256
+  _globals['_GETSPENDRESPONSE']._serialized_start=3258
+  _globals['_GETSPENDRESPONSE']._serialized_end=3317
+  _globals['_LISTMODELSRESPONSE']._serialized_start=3319
+  _globals['_LISTMODELSRESPONSE']._serialized_end=3380
+  _globals['_LLMSERVICE']._serialized_start=3734
+  _globals['_LLMSERVICE']._serialized_end=4196
 # @@protoc_insertion_point(module_scope)

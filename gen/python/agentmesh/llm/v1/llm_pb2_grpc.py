@@ -51,6 +51,16 @@ class LLMServiceStub:
                 request_serializer=agentmesh_dot_llm_dot_v1_dot_llm__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=agentmesh_dot_llm_dot_v1_dot_llm__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.CountTokens = channel.unary_unary(
+                '/agentmesh.llm.v1.LLMService/CountTokens',
+                request_serializer=agentmesh_dot_llm_dot_v1_dot_llm__pb2.CountTokensRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_llm_dot_v1_dot_llm__pb2.CountTokensResponse.FromString,
+                _registered_method=True)
+        self.GetSpend = channel.unary_unary(
+                '/agentmesh.llm.v1.LLMService/GetSpend',
+                request_serializer=agentmesh_dot_llm_dot_v1_dot_llm__pb2.GetSpendRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_llm_dot_v1_dot_llm__pb2.GetSpendResponse.FromString,
+                _registered_method=True)
 
 
 class LLMServiceServicer:
@@ -80,6 +90,22 @@ class LLMServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CountTokens(self, request, context):
+        """CountTokens counts the input tokens a request would use on the deployment it would be routed
+        to first (exact with tiktoken for OpenAI-family models, marked approximate otherwise).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSpend(self, request, context):
+        """GetSpend returns the caller's spend in USD (tenant from `x-tenant-id`, API key from
+        `x-api-key-id`) for the current budget period, and the budgets that apply.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LLMServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -97,6 +123,16 @@ def add_LLMServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=agentmesh_dot_llm_dot_v1_dot_llm__pb2.ListModelsRequest.FromString,
                     response_serializer=agentmesh_dot_llm_dot_v1_dot_llm__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'CountTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountTokens,
+                    request_deserializer=agentmesh_dot_llm_dot_v1_dot_llm__pb2.CountTokensRequest.FromString,
+                    response_serializer=agentmesh_dot_llm_dot_v1_dot_llm__pb2.CountTokensResponse.SerializeToString,
+            ),
+            'GetSpend': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSpend,
+                    request_deserializer=agentmesh_dot_llm_dot_v1_dot_llm__pb2.GetSpendRequest.FromString,
+                    response_serializer=agentmesh_dot_llm_dot_v1_dot_llm__pb2.GetSpendResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -182,6 +218,60 @@ class LLMService:
             '/agentmesh.llm.v1.LLMService/ListModels',
             agentmesh_dot_llm_dot_v1_dot_llm__pb2.ListModelsRequest.SerializeToString,
             agentmesh_dot_llm_dot_v1_dot_llm__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.llm.v1.LLMService/CountTokens',
+            agentmesh_dot_llm_dot_v1_dot_llm__pb2.CountTokensRequest.SerializeToString,
+            agentmesh_dot_llm_dot_v1_dot_llm__pb2.CountTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSpend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.llm.v1.LLMService/GetSpend',
+            agentmesh_dot_llm_dot_v1_dot_llm__pb2.GetSpendRequest.SerializeToString,
+            agentmesh_dot_llm_dot_v1_dot_llm__pb2.GetSpendResponse.FromString,
             options,
             channel_credentials,
             insecure,

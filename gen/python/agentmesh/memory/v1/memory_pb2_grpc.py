@@ -28,6 +28,13 @@ if _version_not_supported:
 class MemoryServiceStub:
     """MemoryService stores session history in Redis and returns the part of it that fits a token
     budget. Sessions are scoped to the caller's tenant (`x-tenant-id` metadata).
+
+    Scope: every session belongs to (tenant, user, session). `user_id` is optional everywhere;
+    empty means the user `default`, so callers that know no user keep working. User ids are
+    1..128 characters of [A-Za-z0-9._:@+-]; session ids 1..128 characters of [A-Za-z0-9._:-].
+
+    Long-term memory: facts and preferences of a (tenant, user), stored with embeddings in Milvus,
+    deduplicated, and recalled by meaning.
     """
 
     def __init__(self, channel):
@@ -46,11 +53,78 @@ class MemoryServiceStub:
                 request_serializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.GetContextRequest.SerializeToString,
                 response_deserializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.GetContextResponse.FromString,
                 _registered_method=True)
+        self.ListMessages = channel.unary_unary(
+                '/agentmesh.memory.v1.MemoryService/ListMessages',
+                request_serializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.ListMessagesRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.ListMessagesResponse.FromString,
+                _registered_method=True)
+        self.WatchSession = channel.unary_stream(
+                '/agentmesh.memory.v1.MemoryService/WatchSession',
+                request_serializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.WatchSessionRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.WatchSessionResponse.FromString,
+                _registered_method=True)
+        self.GetSession = channel.unary_unary(
+                '/agentmesh.memory.v1.MemoryService/GetSession',
+                request_serializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.GetSessionRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.GetSessionResponse.FromString,
+                _registered_method=True)
+        self.SetPinnedMessages = channel.unary_unary(
+                '/agentmesh.memory.v1.MemoryService/SetPinnedMessages',
+                request_serializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.SetPinnedMessagesRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.SetPinnedMessagesResponse.FromString,
+                _registered_method=True)
+        self.CompactSession = channel.unary_unary(
+                '/agentmesh.memory.v1.MemoryService/CompactSession',
+                request_serializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.CompactSessionRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.CompactSessionResponse.FromString,
+                _registered_method=True)
+        self.SetRetention = channel.unary_unary(
+                '/agentmesh.memory.v1.MemoryService/SetRetention',
+                request_serializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.SetRetentionRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.SetRetentionResponse.FromString,
+                _registered_method=True)
+        self.DeleteSession = channel.unary_unary(
+                '/agentmesh.memory.v1.MemoryService/DeleteSession',
+                request_serializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.DeleteSessionRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.DeleteSessionResponse.FromString,
+                _registered_method=True)
+        self.ForgetUser = channel.unary_unary(
+                '/agentmesh.memory.v1.MemoryService/ForgetUser',
+                request_serializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.ForgetUserRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.ForgetUserResponse.FromString,
+                _registered_method=True)
+        self.RememberFacts = channel.unary_unary(
+                '/agentmesh.memory.v1.MemoryService/RememberFacts',
+                request_serializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.RememberFactsRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.RememberFactsResponse.FromString,
+                _registered_method=True)
+        self.RecallFacts = channel.unary_unary(
+                '/agentmesh.memory.v1.MemoryService/RecallFacts',
+                request_serializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.RecallFactsRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.RecallFactsResponse.FromString,
+                _registered_method=True)
+        self.ListFacts = channel.unary_unary(
+                '/agentmesh.memory.v1.MemoryService/ListFacts',
+                request_serializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.ListFactsRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.ListFactsResponse.FromString,
+                _registered_method=True)
+        self.DeleteFacts = channel.unary_unary(
+                '/agentmesh.memory.v1.MemoryService/DeleteFacts',
+                request_serializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.DeleteFactsRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.DeleteFactsResponse.FromString,
+                _registered_method=True)
 
 
 class MemoryServiceServicer:
     """MemoryService stores session history in Redis and returns the part of it that fits a token
     budget. Sessions are scoped to the caller's tenant (`x-tenant-id` metadata).
+
+    Scope: every session belongs to (tenant, user, session). `user_id` is optional everywhere;
+    empty means the user `default`, so callers that know no user keep working. User ids are
+    1..128 characters of [A-Za-z0-9._:@+-]; session ids 1..128 characters of [A-Za-z0-9._:-].
+
+    Long-term memory: facts and preferences of a (tenant, user), stored with embeddings in Milvus,
+    deduplicated, and recalled by meaning.
     """
 
     def AppendMessages(self, request, context):
@@ -62,6 +136,92 @@ class MemoryServiceServicer:
 
     def GetContext(self, request, context):
         """GetContext returns the most recent messages of a session that fit `token_budget`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMessages(self, request, context):
+        """ListMessages returns stored messages by sequence range, including those a summary covers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchSession(self, request, context):
+        """WatchSession streams the messages of a session as they are appended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSession(self, request, context):
+        """GetSession describes a session: version, stored range, summary, pinned content, retention.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPinnedMessages(self, request, context):
+        """SetPinnedMessages replaces the session's pinned system messages (always first in GetContext).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompactSession(self, request, context):
+        """CompactSession folds older messages into the running summary now (it also happens on its own
+        once a session passes the configured size). The messages themselves are kept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetRetention(self, request, context):
+        """SetRetention sets a session's time to live and how many messages it keeps.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSession(self, request, context):
+        """DeleteSession deletes a session and, unless asked not to, the facts extracted from it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForgetUser(self, request, context):
+        """ForgetUser deletes everything stored about a user of the caller's tenant: every session and
+        every fact (the right to be forgotten).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RememberFacts(self, request, context):
+        """RememberFacts stores facts about a user; exact and near duplicates are merged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecallFacts(self, request, context):
+        """RecallFacts returns a user's facts most related to a query, weighted by recency.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFacts(self, request, context):
+        """ListFacts pages through a user's facts, most recently updated first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteFacts(self, request, context):
+        """DeleteFacts deletes facts of a user by id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -80,6 +240,66 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     request_deserializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.GetContextRequest.FromString,
                     response_serializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.GetContextResponse.SerializeToString,
             ),
+            'ListMessages': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMessages,
+                    request_deserializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.ListMessagesRequest.FromString,
+                    response_serializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.ListMessagesResponse.SerializeToString,
+            ),
+            'WatchSession': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchSession,
+                    request_deserializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.WatchSessionRequest.FromString,
+                    response_serializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.WatchSessionResponse.SerializeToString,
+            ),
+            'GetSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSession,
+                    request_deserializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.GetSessionRequest.FromString,
+                    response_serializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.GetSessionResponse.SerializeToString,
+            ),
+            'SetPinnedMessages': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPinnedMessages,
+                    request_deserializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.SetPinnedMessagesRequest.FromString,
+                    response_serializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.SetPinnedMessagesResponse.SerializeToString,
+            ),
+            'CompactSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompactSession,
+                    request_deserializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.CompactSessionRequest.FromString,
+                    response_serializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.CompactSessionResponse.SerializeToString,
+            ),
+            'SetRetention': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRetention,
+                    request_deserializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.SetRetentionRequest.FromString,
+                    response_serializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.SetRetentionResponse.SerializeToString,
+            ),
+            'DeleteSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSession,
+                    request_deserializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.DeleteSessionRequest.FromString,
+                    response_serializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.DeleteSessionResponse.SerializeToString,
+            ),
+            'ForgetUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetUser,
+                    request_deserializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.ForgetUserRequest.FromString,
+                    response_serializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.ForgetUserResponse.SerializeToString,
+            ),
+            'RememberFacts': grpc.unary_unary_rpc_method_handler(
+                    servicer.RememberFacts,
+                    request_deserializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.RememberFactsRequest.FromString,
+                    response_serializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.RememberFactsResponse.SerializeToString,
+            ),
+            'RecallFacts': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecallFacts,
+                    request_deserializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.RecallFactsRequest.FromString,
+                    response_serializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.RecallFactsResponse.SerializeToString,
+            ),
+            'ListFacts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFacts,
+                    request_deserializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.ListFactsRequest.FromString,
+                    response_serializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.ListFactsResponse.SerializeToString,
+            ),
+            'DeleteFacts': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteFacts,
+                    request_deserializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.DeleteFactsRequest.FromString,
+                    response_serializer=agentmesh_dot_memory_dot_v1_dot_memory__pb2.DeleteFactsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'agentmesh.memory.v1.MemoryService', rpc_method_handlers)
@@ -91,6 +311,13 @@ def add_MemoryServiceServicer_to_server(servicer, server):
 class MemoryService:
     """MemoryService stores session history in Redis and returns the part of it that fits a token
     budget. Sessions are scoped to the caller's tenant (`x-tenant-id` metadata).
+
+    Scope: every session belongs to (tenant, user, session). `user_id` is optional everywhere;
+    empty means the user `default`, so callers that know no user keep working. User ids are
+    1..128 characters of [A-Za-z0-9._:@+-]; session ids 1..128 characters of [A-Za-z0-9._:-].
+
+    Long-term memory: facts and preferences of a (tenant, user), stored with embeddings in Milvus,
+    deduplicated, and recalled by meaning.
     """
 
     @staticmethod
@@ -137,6 +364,330 @@ class MemoryService:
             '/agentmesh.memory.v1.MemoryService/GetContext',
             agentmesh_dot_memory_dot_v1_dot_memory__pb2.GetContextRequest.SerializeToString,
             agentmesh_dot_memory_dot_v1_dot_memory__pb2.GetContextResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.memory.v1.MemoryService/ListMessages',
+            agentmesh_dot_memory_dot_v1_dot_memory__pb2.ListMessagesRequest.SerializeToString,
+            agentmesh_dot_memory_dot_v1_dot_memory__pb2.ListMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agentmesh.memory.v1.MemoryService/WatchSession',
+            agentmesh_dot_memory_dot_v1_dot_memory__pb2.WatchSessionRequest.SerializeToString,
+            agentmesh_dot_memory_dot_v1_dot_memory__pb2.WatchSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.memory.v1.MemoryService/GetSession',
+            agentmesh_dot_memory_dot_v1_dot_memory__pb2.GetSessionRequest.SerializeToString,
+            agentmesh_dot_memory_dot_v1_dot_memory__pb2.GetSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPinnedMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.memory.v1.MemoryService/SetPinnedMessages',
+            agentmesh_dot_memory_dot_v1_dot_memory__pb2.SetPinnedMessagesRequest.SerializeToString,
+            agentmesh_dot_memory_dot_v1_dot_memory__pb2.SetPinnedMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompactSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.memory.v1.MemoryService/CompactSession',
+            agentmesh_dot_memory_dot_v1_dot_memory__pb2.CompactSessionRequest.SerializeToString,
+            agentmesh_dot_memory_dot_v1_dot_memory__pb2.CompactSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRetention(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.memory.v1.MemoryService/SetRetention',
+            agentmesh_dot_memory_dot_v1_dot_memory__pb2.SetRetentionRequest.SerializeToString,
+            agentmesh_dot_memory_dot_v1_dot_memory__pb2.SetRetentionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.memory.v1.MemoryService/DeleteSession',
+            agentmesh_dot_memory_dot_v1_dot_memory__pb2.DeleteSessionRequest.SerializeToString,
+            agentmesh_dot_memory_dot_v1_dot_memory__pb2.DeleteSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.memory.v1.MemoryService/ForgetUser',
+            agentmesh_dot_memory_dot_v1_dot_memory__pb2.ForgetUserRequest.SerializeToString,
+            agentmesh_dot_memory_dot_v1_dot_memory__pb2.ForgetUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RememberFacts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.memory.v1.MemoryService/RememberFacts',
+            agentmesh_dot_memory_dot_v1_dot_memory__pb2.RememberFactsRequest.SerializeToString,
+            agentmesh_dot_memory_dot_v1_dot_memory__pb2.RememberFactsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecallFacts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.memory.v1.MemoryService/RecallFacts',
+            agentmesh_dot_memory_dot_v1_dot_memory__pb2.RecallFactsRequest.SerializeToString,
+            agentmesh_dot_memory_dot_v1_dot_memory__pb2.RecallFactsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFacts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.memory.v1.MemoryService/ListFacts',
+            agentmesh_dot_memory_dot_v1_dot_memory__pb2.ListFactsRequest.SerializeToString,
+            agentmesh_dot_memory_dot_v1_dot_memory__pb2.ListFactsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteFacts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.memory.v1.MemoryService/DeleteFacts',
+            agentmesh_dot_memory_dot_v1_dot_memory__pb2.DeleteFactsRequest.SerializeToString,
+            agentmesh_dot_memory_dot_v1_dot_memory__pb2.DeleteFactsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from agentmesh.common.v1 import common_pb2 as agentmesh_dot_common_dot_v1_dot_common__pb2
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&agentmesh/retrieval/v1/retrieval.proto\x12\x16\x61gentmesh.retrieval.v1\x1a agentmesh/common/v1/common.proto\"\xb6\x01\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12@\n\x08metadata\x18\x05 \x03(\x0b\x32..agentmesh.retrieval.v1.Document.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"`\n\x16IngestDocumentsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x32\n\x08\x64ocument\x18\x02 \x01(\x0b\x32 .agentmesh.retrieval.v1.Document\"\x9d\x01\n\x17IngestDocumentsResponse\x12\x1a\n\x12\x64ocuments_received\x18\x01 \x01(\r\x12\x19\n\x11\x64ocuments_written\x18\x02 \x01(\r\x12\x1b\n\x13\x64ocuments_unchanged\x18\x03 \x01(\r\x12\x16\n\x0e\x63hunks_written\x18\x04 \x01(\r\x12\x16\n\x0e\x63hunks_deleted\x18\x05 \x01(\r\"\x86\x01\n\rSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\tmin_score\x18\x04 \x01(\x02\x12\x30\n\x04mode\x18\x05 \x01(\x0e\x32\".agentmesh.retrieval.v1.SearchMode\"<\n\x0eSearchResponse\x12*\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x1a.agentmesh.common.v1.Chunk*@\n\nSearchMode\x12\x1b\n\x17SEARCH_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11SEARCH_MODE_DENSE\x10\x01\x32\xe1\x01\n\x10RetrievalService\x12t\n\x0fIngestDocuments\x12..agentmesh.retrieval.v1.IngestDocumentsRequest\x1a/.agentmesh.retrieval.v1.IngestDocumentsResponse(\x01\x12W\n\x06Search\x12%.agentmesh.retrieval.v1.SearchRequest\x1a&.agentmesh.retrieval.v1.SearchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&agentmesh/retrieval/v1/retrieval.proto\x12\x16\x61gentmesh.retrieval.v1\x1a agentmesh/common/v1/common.proto\x1a\x1cgoogle/api/annotations.proto\"\xff\x01\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12@\n\x08metadata\x18\x05 \x03(\x0b\x32..agentmesh.retrieval.v1.Document.MetadataEntry\x12\x36\n\x06\x66ormat\x18\x06 \x01(\x0e\x32&.agentmesh.retrieval.v1.DocumentFormat\x12\x0f\n\x07\x63ontent\x18\x07 \x01(\x0c\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"`\n\x16IngestDocumentsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x32\n\x08\x64ocument\x18\x02 \x01(\x0b\x32 .agentmesh.retrieval.v1.Document\"|\n\x0e\x44ocumentResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x36\n\x06status\x18\x02 \x01(\x0e\x32&.agentmesh.retrieval.v1.DocumentStatus\x12\x0e\n\x06\x63hunks\x18\x03 \x01(\r\x12\x16\n\x0e\x63hunks_deleted\x18\x04 \x01(\r\"\x83\x02\n\x17IngestDocumentsResponse\x12\x1a\n\x12\x64ocuments_received\x18\x01 \x01(\r\x12\x19\n\x11\x64ocuments_written\x18\x02 \x01(\r\x12\x1b\n\x13\x64ocuments_unchanged\x18\x03 \x01(\r\x12\x16\n\x0e\x63hunks_written\x18\x04 \x01(\r\x12\x16\n\x0e\x63hunks_deleted\x18\x05 \x01(\r\x12\x39\n\tdocuments\x18\x06 \x03(\x0b\x32&.agentmesh.retrieval.v1.DocumentResult\x12\x14\n\x0c\x65mbedding_ms\x18\x07 \x01(\r\x12\x13\n\x0b\x64uration_ms\x18\x08 \x01(\r\"\xbd\x01\n\x0f\x46ilterCondition\x12\x16\n\x0cmetadata_key\x18\x01 \x01(\tH\x00\x12?\n\x0e\x64ocument_field\x18\x02 \x01(\x0e\x32%.agentmesh.retrieval.v1.DocumentFieldH\x00\x12\x38\n\x08operator\x18\x03 \x01(\x0e\x32&.agentmesh.retrieval.v1.FilterOperator\x12\x0e\n\x06values\x18\x04 \x03(\tB\x07\n\x05\x66ield\"@\n\nMmrOptions\x12\x1d\n\x10relevance_weight\x18\x01 \x01(\x02H\x00\x88\x01\x01\x42\x13\n\x11_relevance_weight\"\x86\x03\n\rSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\tmin_score\x18\x04 \x01(\x02\x12\x30\n\x04mode\x18\x05 \x01(\x0e\x32\".agentmesh.retrieval.v1.SearchMode\x12\x38\n\x07\x66ilters\x18\x06 \x03(\x0b\x32\'.agentmesh.retrieval.v1.FilterCondition\x12\x34\n\x06\x66usion\x18\x07 \x01(\x0e\x32$.agentmesh.retrieval.v1.FusionMethod\x12\x19\n\x0c\x64\x65nse_weight\x18\x08 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05rrf_k\x18\t \x01(\r\x12\x12\n\ncandidates\x18\n \x01(\r\x12/\n\x03mmr\x18\x0b \x01(\x0b\x32\".agentmesh.retrieval.v1.MmrOptions\x12\x0e\n\x06rerank\x18\x0c \x01(\x08\x42\x0f\n\r_dense_weight\"\xa4\x01\n\x0eSearchResponse\x12*\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x1a.agentmesh.common.v1.Chunk\x12\x30\n\x04mode\x18\x02 \x01(\x0e\x32\".agentmesh.retrieval.v1.SearchMode\x12\x34\n\x06\x66usion\x18\x03 \x01(\x0e\x32$.agentmesh.retrieval.v1.FusionMethod\"|\n\x16\x44\x65leteDocumentsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x14\n\x0c\x64ocument_ids\x18\x02 \x03(\t\x12\x38\n\x07\x66ilters\x18\x03 \x03(\x0b\x32\'.agentmesh.retrieval.v1.FilterCondition\"L\n\x17\x44\x65leteDocumentsResponse\x12\x19\n\x11\x64ocuments_deleted\x18\x01 \x01(\r\x12\x16\n\x0e\x63hunks_deleted\x18\x02 \x01(\r\"\x98\x01\n\x0e\x43hunkingConfig\x12\x19\n\x0c\x63hunk_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x1b\n\x0eoverlap_tokens\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x19\n\x0ctitle_tokens\x18\x03 \x01(\rH\x02\x88\x01\x01\x42\x0f\n\r_chunk_tokensB\x11\n\x0f_overlap_tokensB\x0f\n\r_title_tokens\"\xb1\x01\n\x0e\x43ollectionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0f\x65mbedding_model\x18\x02 \x01(\t\x12\x1b\n\x13\x65mbedding_dimension\x18\x03 \x01(\r\x12\x38\n\x08\x63hunking\x18\x04 \x01(\x0b\x32&.agentmesh.retrieval.v1.ChunkingConfig\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\x04\x12\x11\n\tdocuments\x18\x06 \x01(\x04\"g\n\x17\x43reateCollectionRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x38\n\x08\x63hunking\x18\x02 \x01(\x0b\x32&.agentmesh.retrieval.v1.ChunkingConfig\"g\n\x18\x43reateCollectionResponse\x12:\n\ncollection\x18\x01 \x01(\x0b\x32&.agentmesh.retrieval.v1.CollectionInfo\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"/\n\x19\x44\x65scribeCollectionRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\"X\n\x1a\x44\x65scribeCollectionResponse\x12:\n\ncollection\x18\x01 \x01(\x0b\x32&.agentmesh.retrieval.v1.CollectionInfo\"+\n\x15\x44ropCollectionRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\"g\n\x16\x44ropCollectionResponse\x12\x19\n\x11\x64ocuments_deleted\x18\x01 \x01(\r\x12\x16\n\x0e\x63hunks_deleted\x18\x02 \x01(\r\x12\x1a\n\x12\x63ollection_removed\x18\x03 \x01(\x08*\xbd\x01\n\x0e\x44ocumentFormat\x12\x1f\n\x1b\x44OCUMENT_FORMAT_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x44OCUMENT_FORMAT_PLAIN_TEXT\x10\x01\x12\x1c\n\x18\x44OCUMENT_FORMAT_MARKDOWN\x10\x02\x12\x18\n\x14\x44OCUMENT_FORMAT_HTML\x10\x03\x12\x17\n\x13\x44OCUMENT_FORMAT_PDF\x10\x04\x12\x19\n\x15\x44OCUMENT_FORMAT_JSONL\x10\x05*m\n\x0e\x44ocumentStatus\x12\x1f\n\x1b\x44OCUMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x44OCUMENT_STATUS_WRITTEN\x10\x01\x12\x1d\n\x19\x44OCUMENT_STATUS_UNCHANGED\x10\x02*p\n\nSearchMode\x12\x1b\n\x17SEARCH_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11SEARCH_MODE_DENSE\x10\x01\x12\x16\n\x12SEARCH_MODE_SPARSE\x10\x02\x12\x16\n\x12SEARCH_MODE_HYBRID\x10\x03*`\n\x0c\x46usionMethod\x12\x1d\n\x19\x46USION_METHOD_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46USION_METHOD_RRF\x10\x01\x12\x1a\n\x16\x46USION_METHOD_WEIGHTED\x10\x02*{\n\rDocumentField\x12\x1e\n\x1a\x44OCUMENT_FIELD_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44OCUMENT_FIELD_ID\x10\x01\x12\x19\n\x15\x44OCUMENT_FIELD_SOURCE\x10\x02\x12\x18\n\x14\x44OCUMENT_FIELD_TITLE\x10\x03*\xe5\x02\n\x0e\x46ilterOperator\x12\x1f\n\x1b\x46ILTER_OPERATOR_UNSPECIFIED\x10\x00\x12\x19\n\x15\x46ILTER_OPERATOR_EQUAL\x10\x01\x12\x1d\n\x19\x46ILTER_OPERATOR_NOT_EQUAL\x10\x02\x12\x16\n\x12\x46ILTER_OPERATOR_IN\x10\x03\x12\x1a\n\x16\x46ILTER_OPERATOR_NOT_IN\x10\x04\x12\x1a\n\x16\x46ILTER_OPERATOR_EXISTS\x10\x05\x12\x1e\n\x1a\x46ILTER_OPERATOR_NOT_EXISTS\x10\x06\x12 \n\x1c\x46ILTER_OPERATOR_GREATER_THAN\x10\x07\x12$\n FILTER_OPERATOR_GREATER_OR_EQUAL\x10\x08\x12\x1d\n\x19\x46ILTER_OPERATOR_LESS_THAN\x10\t\x12!\n\x1d\x46ILTER_OPERATOR_LESS_OR_EQUAL\x10\n2\x8a\x07\n\x10RetrievalService\x12\x95\x01\n\x0fIngestDocuments\x12..agentmesh.retrieval.v1.IngestDocumentsRequest\x1a/.agentmesh.retrieval.v1.IngestDocumentsResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/documents:ingest:\x01*(\x01\x12x\n\x06Search\x12%.agentmesh.retrieval.v1.SearchRequest\x1a&.agentmesh.retrieval.v1.SearchResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/documents:search:\x01*\x12\x93\x01\n\x0f\x44\x65leteDocuments\x12..agentmesh.retrieval.v1.DeleteDocumentsRequest\x1a/.agentmesh.retrieval.v1.DeleteDocumentsResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/documents:delete:\x01*\x12\x91\x01\n\x10\x43reateCollection\x12/.agentmesh.retrieval.v1.CreateCollectionRequest\x1a\x30.agentmesh.retrieval.v1.CreateCollectionResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/collections:\x01*\x12\xa1\x01\n\x12\x44\x65scribeCollection\x12\x31.agentmesh.retrieval.v1.DescribeCollectionRequest\x1a\x32.agentmesh.retrieval.v1.DescribeCollectionResponse\"$\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/collections/{collection}\x12\x95\x01\n\x0e\x44ropCollection\x12-.agentmesh.retrieval.v1.DropCollectionRequest\x1a..agentmesh.retrieval.v1.DropCollectionResponse\"$\x82\xd3\xe4\x93\x02\x1e*\x1c/v1/collections/{collection}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,20 +35,68 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DOCUMENT_METADATAENTRY']._loaded_options = None
   _globals['_DOCUMENT_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_SEARCHMODE']._serialized_start=742
-  _globals['_SEARCHMODE']._serialized_end=806
-  _globals['_DOCUMENT']._serialized_start=101
-  _globals['_DOCUMENT']._serialized_end=283
-  _globals['_DOCUMENT_METADATAENTRY']._serialized_start=236
-  _globals['_DOCUMENT_METADATAENTRY']._serialized_end=283
-  _globals['_INGESTDOCUMENTSREQUEST']._serialized_start=285
-  _globals['_INGESTDOCUMENTSREQUEST']._serialized_end=381
-  _globals['_INGESTDOCUMENTSRESPONSE']._serialized_start=384
-  _globals['_INGESTDOCUMENTSRESPONSE']._serialized_end=541
-  _globals['_SEARCHREQUEST']._serialized_start=544
-  _globals['_SEARCHREQUEST']._serialized_end=678
-  _globals['_SEARCHRESPONSE']._serialized_start=680
-  _globals['_SEARCHRESPONSE']._serialized_end=740
-  _globals['_RETRIEVALSERVICE']._serialized_start=809
-  _globals['_RETRIEVALSERVICE']._serialized_end=1034
+  _globals['_RETRIEVALSERVICE'].methods_by_name['IngestDocuments']._loaded_options = None
+  _globals['_RETRIEVALSERVICE'].methods_by_name['IngestDocuments']._serialized_options = b'\202\323\344\223\002\031\"\024/v1/documents:ingest:\001*'
+  _globals['_RETRIEVALSERVICE'].methods_by_name['Search']._loaded_options = None
+  _globals['_RETRIEVALSERVICE'].methods_by_name['Search']._serialized_options = b'\202\323\344\223\002\031\"\024/v1/documents:search:\001*'
+  _globals['_RETRIEVALSERVICE'].methods_by_name['DeleteDocuments']._loaded_options = None
+  _globals['_RETRIEVALSERVICE'].methods_by_name['DeleteDocuments']._serialized_options = b'\202\323\344\223\002\031\"\024/v1/documents:delete:\001*'
+  _globals['_RETRIEVALSERVICE'].methods_by_name['CreateCollection']._loaded_options = None
+  _globals['_RETRIEVALSERVICE'].methods_by_name['CreateCollection']._serialized_options = b'\202\323\344\223\002\024\"\017/v1/collections:\001*'
+  _globals['_RETRIEVALSERVICE'].methods_by_name['DescribeCollection']._loaded_options = None
+  _globals['_RETRIEVALSERVICE'].methods_by_name['DescribeCollection']._serialized_options = b'\202\323\344\223\002\036\022\034/v1/collections/{collection}'
+  _globals['_RETRIEVALSERVICE'].methods_by_name['DropCollection']._loaded_options = None
+  _globals['_RETRIEVALSERVICE'].methods_by_name['DropCollection']._serialized_options = b'\202\323\344\223\002\036*\034/v1/collections/{collection}'
+  _globals['_DOCUMENTFORMAT']._serialized_start=2731
+  _globals['_DOCUMENTFORMAT']._serialized_end=2920
+  _globals['_DOCUMENTSTATUS']._serialized_start=2922
+  _globals['_DOCUMENTSTATUS']._serialized_end=3031
+  _globals['_SEARCHMODE']._serialized_start=3033
+  _globals['_SEARCHMODE']._serialized_end=3145
+  _globals['_FUSIONMETHOD']._serialized_start=3147
+  _globals['_FUSIONMETHOD']._serialized_end=3243
+  _globals['_DOCUMENTFIELD']._serialized_start=3245
+  _globals['_DOCUMENTFIELD']._serialized_end=3368
+  _globals['_FILTEROPERATOR']._serialized_start=3371
+  _globals['_FILTEROPERATOR']._serialized_end=3728
+  _globals['_DOCUMENT']._serialized_start=131
+  _globals['_DOCUMENT']._serialized_end=386
+  _globals['_DOCUMENT_METADATAENTRY']._serialized_start=339
+  _globals['_DOCUMENT_METADATAENTRY']._serialized_end=386
+  _globals['_INGESTDOCUMENTSREQUEST']._serialized_start=388
+  _globals['_INGESTDOCUMENTSREQUEST']._serialized_end=484
+  _globals['_DOCUMENTRESULT']._serialized_start=486
+  _globals['_DOCUMENTRESULT']._serialized_end=610
+  _globals['_INGESTDOCUMENTSRESPONSE']._serialized_start=613
+  _globals['_INGESTDOCUMENTSRESPONSE']._serialized_end=872
+  _globals['_FILTERCONDITION']._serialized_start=875
+  _globals['_FILTERCONDITION']._serialized_end=1064
+  _globals['_MMROPTIONS']._serialized_start=1066
+  _globals['_MMROPTIONS']._serialized_end=1130
+  _globals['_SEARCHREQUEST']._serialized_start=1133
+  _globals['_SEARCHREQUEST']._serialized_end=1523
+  _globals['_SEARCHRESPONSE']._serialized_start=1526
+  _globals['_SEARCHRESPONSE']._serialized_end=1690
+  _globals['_DELETEDOCUMENTSREQUEST']._serialized_start=1692
+  _globals['_DELETEDOCUMENTSREQUEST']._serialized_end=1816
+  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_start=1818
+  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_end=1894
+  _globals['_CHUNKINGCONFIG']._serialized_start=1897
+  _globals['_CHUNKINGCONFIG']._serialized_end=2049
+  _globals['_COLLECTIONINFO']._serialized_start=2052
+  _globals['_COLLECTIONINFO']._serialized_end=2229
+  _globals['_CREATECOLLECTIONREQUEST']._serialized_start=2231
+  _globals['_CREATECOLLECTIONREQUEST']._serialized_end=2334
+  _globals['_CREATECOLLECTIONRESPONSE']._serialized_start=2336
+  _globals['_CREATECOLLECTIONRESPONSE']._serialized_end=2439
+  _globals['_DESCRIBECOLLECTIONREQUEST']._serialized_start=2441
+  _globals['_DESCRIBECOLLECTIONREQUEST']._serialized_end=2488
+  _globals['_DESCRIBECOLLECTIONRESPONSE']._serialized_start=2490
+  _globals['_DESCRIBECOLLECTIONRESPONSE']._serialized_end=2578
+  _globals['_DROPCOLLECTIONREQUEST']._serialized_start=2580
+  _globals['_DROPCOLLECTIONREQUEST']._serialized_end=2623
+  _globals['_DROPCOLLECTIONRESPONSE']._serialized_start=2625
+  _globals['_DROPCOLLECTIONRESPONSE']._serialized_end=2728
+  _globals['_RETRIEVALSERVICE']._serialized_start=3731
+  _globals['_RETRIEVALSERVICE']._serialized_end=4637
 # @@protoc_insertion_point(module_scope)

@@ -27,7 +27,8 @@ if _version_not_supported:
 
 class RetrievalServiceStub:
     """RetrievalService ingests documents into a vector store (Milvus) and searches them.
-    Every call is scoped to the caller's tenant (`x-tenant-id` metadata, set by the gateway).
+    Every call is scoped to the caller's tenant (`x-tenant-id` metadata, set by the gateway): a
+    tenant never reads, counts, changes or deletes another tenant's chunks, whatever the request says.
     """
 
     def __init__(self, channel):
@@ -46,17 +47,39 @@ class RetrievalServiceStub:
                 request_serializer=agentmesh_dot_retrieval_dot_v1_dot_retrieval__pb2.SearchRequest.SerializeToString,
                 response_deserializer=agentmesh_dot_retrieval_dot_v1_dot_retrieval__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.DeleteDocuments = channel.unary_unary(
+                '/agentmesh.retrieval.v1.RetrievalService/DeleteDocuments',
+                request_serializer=agentmesh_dot_retrieval_dot_v1_dot_retrieval__pb2.DeleteDocumentsRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_retrieval_dot_v1_dot_retrieval__pb2.DeleteDocumentsResponse.FromString,
+                _registered_method=True)
+        self.CreateCollection = channel.unary_unary(
+                '/agentmesh.retrieval.v1.RetrievalService/CreateCollection',
+                request_serializer=agentmesh_dot_retrieval_dot_v1_dot_retrieval__pb2.CreateCollectionRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_retrieval_dot_v1_dot_retrieval__pb2.CreateCollectionResponse.FromString,
+                _registered_method=True)
+        self.DescribeCollection = channel.unary_unary(
+                '/agentmesh.retrieval.v1.RetrievalService/DescribeCollection',
+                request_serializer=agentmesh_dot_retrieval_dot_v1_dot_retrieval__pb2.DescribeCollectionRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_retrieval_dot_v1_dot_retrieval__pb2.DescribeCollectionResponse.FromString,
+                _registered_method=True)
+        self.DropCollection = channel.unary_unary(
+                '/agentmesh.retrieval.v1.RetrievalService/DropCollection',
+                request_serializer=agentmesh_dot_retrieval_dot_v1_dot_retrieval__pb2.DropCollectionRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_retrieval_dot_v1_dot_retrieval__pb2.DropCollectionResponse.FromString,
+                _registered_method=True)
 
 
 class RetrievalServiceServicer:
     """RetrievalService ingests documents into a vector store (Milvus) and searches them.
-    Every call is scoped to the caller's tenant (`x-tenant-id` metadata, set by the gateway).
+    Every call is scoped to the caller's tenant (`x-tenant-id` metadata, set by the gateway): a
+    tenant never reads, counts, changes or deletes another tenant's chunks, whatever the request says.
     """
 
     def IngestDocuments(self, request_iterator, context):
         """IngestDocuments takes a stream of documents, chunks and embeds them, and upserts the chunks.
         Re-sending an unchanged document is a no-op; a changed one replaces all its old chunks.
         When the response arrives the chunks are searchable.
+        Over HTTP: `POST /v1/documents:ingest` with a JSON array of requests as the body.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -64,6 +87,43 @@ class RetrievalServiceServicer:
 
     def Search(self, request, context):
         """Search returns the chunks most similar to a query.
+        Over HTTP: `POST /v1/documents:search` with the request as JSON.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDocuments(self, request, context):
+        """DeleteDocuments removes documents of the caller's tenant (all their chunks), chosen by id
+        and/or by filter conditions.
+        Over HTTP: `POST /v1/documents:delete` with the request as JSON.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateCollection(self, request, context):
+        """CreateCollection creates a collection with its own chunking settings. Creating an existing
+        collection with the same settings succeeds (`created` false); other settings are
+        ALREADY_EXISTS.
+        Over HTTP: `POST /v1/collections` with the request as JSON.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DescribeCollection(self, request, context):
+        """DescribeCollection returns a collection's settings and the caller's tenant's counts in it.
+        Over HTTP: `GET /v1/collections/{collection}`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropCollection(self, request, context):
+        """DropCollection deletes every document of the caller's tenant in a collection; once no tenant
+        has any chunk left in it, the collection itself (and its settings) is removed.
+        Over HTTP: `DELETE /v1/collections/{collection}`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -82,6 +142,26 @@ def add_RetrievalServiceServicer_to_server(servicer, server):
                     request_deserializer=agentmesh_dot_retrieval_dot_v1_dot_retrieval__pb2.SearchRequest.FromString,
                     response_serializer=agentmesh_dot_retrieval_dot_v1_dot_retrieval__pb2.SearchResponse.SerializeToString,
             ),
+            'DeleteDocuments': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDocuments,
+                    request_deserializer=agentmesh_dot_retrieval_dot_v1_dot_retrieval__pb2.DeleteDocumentsRequest.FromString,
+                    response_serializer=agentmesh_dot_retrieval_dot_v1_dot_retrieval__pb2.DeleteDocumentsResponse.SerializeToString,
+            ),
+            'CreateCollection': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCollection,
+                    request_deserializer=agentmesh_dot_retrieval_dot_v1_dot_retrieval__pb2.CreateCollectionRequest.FromString,
+                    response_serializer=agentmesh_dot_retrieval_dot_v1_dot_retrieval__pb2.CreateCollectionResponse.SerializeToString,
+            ),
+            'DescribeCollection': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeCollection,
+                    request_deserializer=agentmesh_dot_retrieval_dot_v1_dot_retrieval__pb2.DescribeCollectionRequest.FromString,
+                    response_serializer=agentmesh_dot_retrieval_dot_v1_dot_retrieval__pb2.DescribeCollectionResponse.SerializeToString,
+            ),
+            'DropCollection': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropCollection,
+                    request_deserializer=agentmesh_dot_retrieval_dot_v1_dot_retrieval__pb2.DropCollectionRequest.FromString,
+                    response_serializer=agentmesh_dot_retrieval_dot_v1_dot_retrieval__pb2.DropCollectionResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'agentmesh.retrieval.v1.RetrievalService', rpc_method_handlers)
@@ -92,7 +172,8 @@ def add_RetrievalServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class RetrievalService:
     """RetrievalService ingests documents into a vector store (Milvus) and searches them.
-    Every call is scoped to the caller's tenant (`x-tenant-id` metadata, set by the gateway).
+    Every call is scoped to the caller's tenant (`x-tenant-id` metadata, set by the gateway): a
+    tenant never reads, counts, changes or deletes another tenant's chunks, whatever the request says.
     """
 
     @staticmethod
@@ -139,6 +220,114 @@ class RetrievalService:
             '/agentmesh.retrieval.v1.RetrievalService/Search',
             agentmesh_dot_retrieval_dot_v1_dot_retrieval__pb2.SearchRequest.SerializeToString,
             agentmesh_dot_retrieval_dot_v1_dot_retrieval__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDocuments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.retrieval.v1.RetrievalService/DeleteDocuments',
+            agentmesh_dot_retrieval_dot_v1_dot_retrieval__pb2.DeleteDocumentsRequest.SerializeToString,
+            agentmesh_dot_retrieval_dot_v1_dot_retrieval__pb2.DeleteDocumentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateCollection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.retrieval.v1.RetrievalService/CreateCollection',
+            agentmesh_dot_retrieval_dot_v1_dot_retrieval__pb2.CreateCollectionRequest.SerializeToString,
+            agentmesh_dot_retrieval_dot_v1_dot_retrieval__pb2.CreateCollectionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeCollection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.retrieval.v1.RetrievalService/DescribeCollection',
+            agentmesh_dot_retrieval_dot_v1_dot_retrieval__pb2.DescribeCollectionRequest.SerializeToString,
+            agentmesh_dot_retrieval_dot_v1_dot_retrieval__pb2.DescribeCollectionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropCollection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.retrieval.v1.RetrievalService/DropCollection',
+            agentmesh_dot_retrieval_dot_v1_dot_retrieval__pb2.DropCollectionRequest.SerializeToString,
+            agentmesh_dot_retrieval_dot_v1_dot_retrieval__pb2.DropCollectionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,7 @@ class ToolServiceServicer:
 
     def ListTools(self, request, context):
         """ListTools returns every registered tool with the JSON Schema of its arguments.
+        Over HTTP: `GET /v1/tools`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -61,6 +62,8 @@ class ToolServiceServicer:
     def ExecuteTool(self, request, context):
         """ExecuteTool validates the arguments against the tool's schema (INVALID_ARGUMENT when they
         fail), runs the tool (NOT_FOUND for an unknown name) and streams progress, then the result.
+        Over HTTP: `POST /v1/tools/{name}:execute` with `{"arguments": {...}}` as the body; the
+        events stream back as newline-delimited JSON objects.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
