@@ -1,8 +1,10 @@
-"""Per-call context carried in ``contextvars``: request id and tenant.
+"""Per-call context carried in ``contextvars``: request id, tenant and subject.
 
-The server interceptor sets both from the incoming metadata (``x-request-id``, ``x-tenant-id``);
-typed clients copy them onto every downstream call, so one request keeps its id and tenant across
-the mesh. The tenant is set by the gateway; a call without one belongs to ``default``.
+The server interceptor sets them from the incoming metadata (``x-request-id``, ``x-tenant-id``,
+``x-subject``); typed clients copy them onto every downstream call, so one request keeps its id,
+tenant and caller across the mesh. The tenant and subject are set by the gateway from the
+caller's verified credential (gateway/README.md); a call without a tenant belongs to ``default``.
+The trace context travels separately, in ``traceparent`` (see ``telemetry.py``).
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import uuid
 
 REQUEST_ID_HEADER = "x-request-id"
 TENANT_HEADER = "x-tenant-id"
+SUBJECT_HEADER = "x-subject"
 DEFAULT_TENANT = "default"
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 tenant_var: contextvars.ContextVar[str] = contextvars.ContextVar("tenant", default=DEFAULT_TENANT)
+#: Who called (JWT ``sub`` or the API key's subject); empty when the gateway named nobody.
+subject_var: contextvars.ContextVar[str] = contextvars.ContextVar("subject", default="")
 #: Absolute ``time.monotonic()`` deadline of the call being served; None when the caller set none.
 deadline_var: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
 
@@ -33,16 +38,23 @@ def current_tenant() -> str:
     return tenant_var.get()
 
 
+def current_subject() -> str:
+    """Subject (caller identity) of the call being served; empty when unknown."""
+    return subject_var.get()
+
+
 def current_request_id() -> str:
     """Request id of the call being served (empty outside a call)."""
     return request_id_var.get()
 
 
 def outgoing_metadata() -> tuple[tuple[str, str], ...]:
-    """Metadata that carries the current request id and tenant onto a downstream call."""
+    """Metadata that carries the current request id, tenant and subject onto a downstream call."""
     md = [(TENANT_HEADER, tenant_var.get())]
     if request_id := request_id_var.get():
         md.append((REQUEST_ID_HEADER, request_id))
+    if subject := subject_var.get():
+        md.append((SUBJECT_HEADER, subject))
     return tuple(md)
 
 

@@ -1,12 +1,16 @@
 """Server interceptor applied to every AgentMesh RPC.
 
 It does, for every call, in one place:
-- request id and tenant from metadata into ``contextvars`` (``x-request-id``, ``x-tenant-id``);
+- request id, tenant and subject from metadata into ``contextvars`` (``x-request-id``,
+  ``x-tenant-id``, ``x-subject``), also set as attributes of the call's SERVER span (which the
+  OpenTelemetry interceptor placed before this one has started);
 - the incoming deadline into a ``contextvar`` so downstream calls derive their own from it;
 - refusal with DEADLINE_EXCEEDED when the remaining deadline is below the service's minimum;
 - translation of :class:`ServiceError` into a gRPC status, and of any other exception into
   INTERNAL (logged with its traceback, never shown to the caller);
-- one structured log line per call with method, status code and duration (ms).
+- one structured log line per call with method, status code and duration (ms);
+- the Prometheus RPC metrics of :mod:`~agentmesh.services.runtime.telemetry` (started, handled by
+  code, latency, stream items sent, in flight).
 
 grpc.aio interceptors can only wrap the handler, so the wrapping is done per RPC kind.
 """
@@ -21,8 +25,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from opentelemetry import trace
 
 from agentmesh.services.runtime import context as ctx
+from agentmesh.services.runtime import telemetry
 from agentmesh.services.runtime.errors import ServiceError
 
 log = logging.getLogger("agentmesh.rpc")
@@ -34,24 +40,35 @@ _QUIET_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 class _CallScope:
     """Sets the call's context variables and records its outcome for the log line."""
 
-    def __init__(self, method: str, context: grpc.aio.ServicerContext, min_deadline_s: float):
+    def __init__(self, method: str, kind: str, context: grpc.aio.ServicerContext, min_deadline_s: float):
         self.method = method
         self.context = context
         self.min_deadline_s = min_deadline_s
         self.code = grpc.StatusCode.OK
         self.start = time.perf_counter()
         self.tokens: list[tuple[Any, Any]] = []
+        service, name = telemetry.split_method(method)
+        self.labels = (service, name, kind)
+        telemetry.RPC_STARTED.labels(*self.labels).inc()
+        telemetry.RPC_IN_FLIGHT.labels(*self.labels).inc()
 
     async def enter(self) -> None:
         metadata = {k: v for k, v in (self.context.invocation_metadata() or ()) if isinstance(v, str)}
         request_id = metadata.get(ctx.REQUEST_ID_HEADER) or ctx.new_request_id()
         tenant = metadata.get(ctx.TENANT_HEADER) or ctx.DEFAULT_TENANT
+        subject = metadata.get(ctx.SUBJECT_HEADER, "")[:256]
         remaining = self.context.time_remaining()
         self.tokens = [
             (ctx.request_id_var, ctx.request_id_var.set(request_id[:128])),
             (ctx.tenant_var, ctx.tenant_var.set(tenant)),
+            (ctx.subject_var, ctx.subject_var.set(subject)),
             (ctx.deadline_var, ctx.deadline_var.set(None if remaining is None else time.monotonic() + remaining)),
         ]
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attributes({"agentmesh.request_id": request_id[:128], "agentmesh.tenant": tenant[:64]})
+            if subject:
+                span.set_attribute("enduser.id", subject)
         if not ctx.TENANT_PATTERN.match(tenant):
             raise ServiceError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -69,7 +86,11 @@ class _CallScope:
             var.reset(token)
 
     def log(self) -> None:
-        elapsed_ms = (time.perf_counter() - self.start) * 1000
+        elapsed_s = time.perf_counter() - self.start
+        elapsed_ms = elapsed_s * 1000
+        telemetry.RPC_IN_FLIGHT.labels(*self.labels).dec()
+        telemetry.RPC_HANDLED.labels(*self.labels, self.code.name).inc()
+        telemetry.RPC_LATENCY.labels(*self.labels).observe(elapsed_s)
         level = logging.ERROR if self.code == grpc.StatusCode.INTERNAL else logging.INFO
         log.log(
             level,
@@ -117,26 +138,30 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, min_deadline_s: float) -> grpc.RpcMethodHandler:
+    kind = telemetry.grpc_type(handler)
+
     def unary_response(behavior):
         async def wrapper(request_or_iterator, context):
-            scope = _CallScope(method, context, min_deadline_s)
+            scope = _CallScope(method, kind, context, min_deadline_s)
             try:
                 await scope.enter()
                 return await behavior(request_or_iterator, context)
             except BaseException as exc:  # noqa: BLE001 - translated into a status by fail()
                 await scope.fail(exc)
             finally:
+                scope.log()  # still inside the call's context: the line has its ids
                 scope.exit()
-                scope.log()
 
         return wrapper
 
     def stream_response(behavior):
         async def wrapper(request_or_iterator, context) -> AsyncIterator[Any]:
-            scope = _CallScope(method, context, min_deadline_s)
+            scope = _CallScope(method, kind, context, min_deadline_s)
+            sent = telemetry.RPC_MSG_SENT.labels(*scope.labels)
             try:
                 await scope.enter()
                 async for item in behavior(request_or_iterator, context):
+                    sent.inc()
                     yield item
             except BaseException as exc:  # noqa: BLE001 - translated into a status by fail()
                 if isinstance(exc, GeneratorExit):
@@ -145,8 +170,8 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, min_deadline_s: f
                 with contextlib.suppress(StopAsyncIteration):
                     await scope.fail(exc)
             finally:
+                scope.log()  # still inside the call's context: the line has its ids
                 scope.exit()
-                scope.log()
 
         return wrapper
 

@@ -1,4 +1,5 @@
-"""Structured (JSON-lines) logging with the request id and tenant of the current call."""
+"""Structured (JSON-lines) logging with the request id, tenant, subject and trace of the current
+call (``trace_id``/``span_id`` as 32/16 hex digits, the W3C form every tracing backend searches)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import logging
 import sys
 import time
 
-from agentmesh.services.runtime.context import request_id_var, tenant_var
+from agentmesh.services.runtime.context import request_id_var, subject_var, tenant_var
+from agentmesh.services.runtime.telemetry import current_trace_ids
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, request id, tenant, extras."""
+    """One JSON object per line: time, level, logger, message, request id, tenant, subject,
+    trace id, span id, extras."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -24,6 +27,10 @@ class JsonFormatter(logging.Formatter):
         if rid := request_id_var.get():
             entry["request_id"] = rid
             entry["tenant"] = tenant_var.get()
+            if subject := subject_var.get():
+                entry["subject"] = subject
+        if ids := current_trace_ids():
+            entry["trace_id"], entry["span_id"] = ids
         fields = getattr(record, "fields", None)
         if fields:
             entry.update(fields)

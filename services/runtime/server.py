@@ -1,7 +1,10 @@
 """Server bootstrap shared by every service.
 
 :func:`serve` runs one :class:`Service` as a ``grpc.aio`` server with:
-- the :class:`~agentmesh.services.runtime.interceptors.ServerInterceptor`;
+- OpenTelemetry tracing (one SERVER span per RPC, continuing the caller's trace) and the
+  :class:`~agentmesh.services.runtime.interceptors.ServerInterceptor` (context, deadline, errors,
+  logs, metrics), in that order;
+- a Prometheus ``/metrics`` endpoint when ``metrics_port`` is set;
 - explicit limits (max message size, max concurrent streams, keepalive);
 - ``grpc.health.v1`` whose status follows the service's own readiness probe (it starts
   NOT_SERVING, turns SERVING once :meth:`Service.ready` says so, and back when it stops saying so);
@@ -21,6 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from agentmesh.services.runtime import telemetry
 from agentmesh.services.runtime.interceptors import ServerInterceptor
 from agentmesh.services.runtime.logs import configure_logging
 from agentmesh.services.runtime.settings import DEFAULT_PORTS, SERVICE_NAMES, ServiceSettings
@@ -71,16 +75,28 @@ async def serve(service: Service, *, stop_event: asyncio.Event | None = None, ha
     """Run ``service`` until SIGTERM/SIGINT (when ``handle_signals``) or ``stop_event``, then shut
     down gracefully.
 
-    Raises ``RuntimeError`` when the port cannot be bound.
+    Raises ``RuntimeError`` when the port (or the metrics port) cannot be bound.
     """
     settings = service.settings
-    if handle_signals:  # the process is ours: own its logging too
+    if handle_signals:  # the process is ours: own its logging and its tracer provider too
         configure_logging(settings.log_level)
+        telemetry.configure_tracing(service.kind)
     name = SERVICE_NAMES[service.kind]
     port = settings.port or DEFAULT_PORTS[service.kind]
 
+    metrics_server = None
+    if settings.metrics_port:
+        try:
+            metrics_server = telemetry.start_metrics_server(settings.metrics_port, settings.host)
+        except OSError as exc:
+            raise RuntimeError(f"cannot serve /metrics on {settings.host}:{settings.metrics_port}: {exc}") from exc
+
+    async def close_metrics() -> None:
+        if metrics_server is not None:  # shutdown() waits for the server thread's poll loop
+            await asyncio.to_thread(telemetry.stop_metrics_server, metrics_server)
+
     server = grpc.aio.server(
-        interceptors=[ServerInterceptor(settings.min_deadline_ms)],
+        interceptors=[telemetry.server_interceptor(), ServerInterceptor(settings.min_deadline_ms)],
         options=server_options(settings),
         maximum_concurrent_rpcs=settings.max_concurrent_streams,
     )
@@ -92,6 +108,7 @@ async def serve(service: Service, *, stop_event: asyncio.Event | None = None, ha
     )
     address = f"{settings.host}:{port}"
     if server.add_insecure_port(address) == 0:
+        await close_metrics()
         raise RuntimeError(f"cannot listen on {address}: port in use or not permitted")
 
     async def set_status(serving: bool) -> None:
@@ -101,7 +118,10 @@ async def serve(service: Service, *, stop_event: asyncio.Event | None = None, ha
 
     await set_status(False)
     await server.start()
-    log.info("listening", extra={"fields": {"service": name, "address": address}})
+    log.info(
+        "listening",
+        extra={"fields": {"service": name, "address": address, "metrics_port": settings.metrics_port or None}},
+    )
 
     stop = stop_event or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -133,6 +153,7 @@ async def serve(service: Service, *, stop_event: asyncio.Event | None = None, ha
     if readiness in done and readiness.exception() is not None:
         log.error("start-up failed", exc_info=readiness.exception())
         await server.stop(0)
+        await close_metrics()
         raise readiness.exception()  # type: ignore[misc]
 
     log.info("shutting down", extra={"fields": {"service": name, "grace_period_s": settings.grace_period_s}})
@@ -140,4 +161,7 @@ async def serve(service: Service, *, stop_event: asyncio.Event | None = None, ha
     await health_servicer.enter_graceful_shutdown()
     await server.stop(settings.grace_period_s)
     await service.stop()
+    await close_metrics()
+    if handle_signals:
+        telemetry.shutdown_tracing()  # flush the spans still batched for export
     log.info("stopped", extra={"fields": {"service": name}})

@@ -56,6 +56,13 @@ class ServiceSettings(BaseSettings):
         1.0, gt=0, description="How often the readiness probe behind grpc.health.v1 runs, in seconds."
     )
     log_level: str = Field("INFO", description="Python logging level.")
+    metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Port of the Prometheus /metrics endpoint (on `host`); 0 = no endpoint. Env: "
+        "AGENTMESH_<KIND>_METRICS_PORT.",
+    )
 
 
 class MeshSettings(BaseSettings):
