@@ -7,6 +7,7 @@ Commands:
   status         health of each component of the local mesh
   ingest         stream the demo corpus (stdlib documentation) into the retrieval service
   chat           ask the agent a question and print the answer as it streams
+  eval           evaluations (``agentmesh eval retrieval --beir DIR``: nDCG/recall/MRR on a BEIR dataset)
 
 ``ingest`` and ``chat`` talk to the gateway: ``--gateway``, else ``$AGENTMESH_GATEWAY_ADDRESS``,
 else the gateway of the mesh running from this run folder, else ``127.0.0.1:8080``.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -32,6 +34,7 @@ from rich.table import Table
 from rich.text import Text
 
 from agentmesh.services.cli import runner
+from agentmesh.services.eval.cli import eval_app
 from agentmesh.services.runtime.clients import channel_options
 from agentmesh.services.runtime.context import TENANT_HEADER
 from agentmesh.services.runtime.settings import SERVICE_NAMES
@@ -83,7 +86,15 @@ def _gateway_address(option: str | None) -> str:
 
 
 def _metadata(tenant: str | None) -> tuple[tuple[str, str], ...]:
-    return ((TENANT_HEADER, tenant),) if tenant else ()
+    """Call metadata: the tenant, and the gateway credential from the environment —
+    ``AGENTMESH_TOKEN`` (a JWT, sent as ``authorization: Bearer``) or ``AGENTMESH_API_KEY``
+    (sent as ``x-api-key``). A local mesh in dev mode needs neither."""
+    md = [(TENANT_HEADER, tenant)] if tenant else []
+    if token := os.environ.get("AGENTMESH_TOKEN"):
+        md.append(("authorization", f"Bearer {token}"))
+    if api_key := os.environ.get("AGENTMESH_API_KEY"):
+        md.append(("x-api-key", api_key))
+    return tuple(md)
 
 
 def _rpc_failure(exc: grpc.aio.AioRpcError) -> NoReturn:
@@ -431,6 +442,10 @@ class _RunPrinter:
         if final.status == agent_pb2.RUN_STATUS_MAX_STEPS:
             err.print("warning: the run reached its step limit while the model still asked for tools")
 
+
+# --------------------------------------------------------------------------------------- eval
+
+app.add_typer(eval_app, name="eval")
 
 if __name__ == "__main__":
     app()

@@ -3,7 +3,9 @@
 One run folder, ``.agentmesh/`` under ``$AGENTMESH_HOME`` (or the current directory), holds::
 
     run/state.json     pids, ports and start time of the running mesh (written atomically)
-    run/envoy.yaml     the gateway config rendered from gateway/envoy.yaml
+    run/envoy.yaml     the gateway config rendered from gateway/envoy.yaml (GatewaySettings:
+                       AGENTMESH_GATEWAY_JWKS_FILE / _API_KEYS_FILE turn authentication on;
+                       without them the gateway runs in DEV MODE, with no authentication)
     run/logs/*.log     one log per process (the previous run's log is kept as *.log.1)
     data/redis/        Redis data (append-only file on)
     data/milvus.db     the Milvus Lite database
@@ -36,10 +38,10 @@ import grpc
 import psutil
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from agentmesh.services.cli.gateway import render_envoy_config
+from agentmesh.services.cli.gateway import GatewayConfigError, GatewaySettings, render_envoy_config
 from agentmesh.services.cli.processes import Proc, envoy_admin_get, port_is_open, spawn, start_envoy, start_redis
 from agentmesh.services.runtime.settings import DEFAULT_PORTS, SERVICE_NAMES
 
@@ -81,6 +83,9 @@ class MeshPorts(BaseSettings):
     tools: int = _port_field(DEFAULT_PORTS["tools"], "AGENTMESH_TOOLS_PORT", "tools gRPC port")
     gateway: int = _port_field(8080, "AGENTMESH_GATEWAY_PORT", "Envoy gRPC listener port")
     admin: int = _port_field(9901, "AGENTMESH_GATEWAY_ADMIN_PORT", "Envoy admin port")
+    gateway_stats: int = _port_field(
+        9902, "AGENTMESH_GATEWAY_STATS_PORT", "Envoy /stats/prometheus and /ready (read-only admin pages)"
+    )
     redis: int = _port_field(6379, "AGENTMESH_REDIS_PORT", "Redis port")
 
     @model_validator(mode="after")
@@ -428,6 +433,13 @@ def mesh_env(ports: MeshPorts, redis_url: str, milvus_uri: str) -> dict[str, str
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
         "TRANSFORMERS_OFFLINE": os.environ.get("TRANSFORMERS_OFFLINE", "1"),
         "AGENTMESH_MEMORY_REDIS_URL": redis_url,
+        # Shared through Redis by every replica: tool-call idempotency keys, and the router's
+        # token admission, spend and response cache.
+        "AGENTMESH_TOOLS_REDIS_URL": redis_url,
+        "AGENTMESH_LLM_REDIS_URL": redis_url,
+        # Run checkpoints and event streams, so runs survive an orchestrator restart.
+        "AGENTMESH_ORCHESTRATOR_REDIS_URL": redis_url,
+        "AGENTMESH_ORCHESTRATOR_AGENTS_PATH": str(Path(__file__).resolve().parents[2] / "agents"),
         "AGENTMESH_RETRIEVAL_MILVUS_URI": milvus_uri,
     }
     for kind in SERVICE_NAMES:
@@ -463,6 +475,7 @@ def _check_ports_free(ports: dict[str, int]) -> None:
         raise MeshError(
             f"port(s) already in use on {LOCAL_HOST}: {', '.join(busy)}; stop what listens there or "
             "choose other ports (AGENTMESH_<KIND>_PORT, AGENTMESH_GATEWAY_PORT, AGENTMESH_GATEWAY_ADMIN_PORT, "
+            "AGENTMESH_GATEWAY_STATS_PORT, "
             "AGENTMESH_REDIS_PORT)"
         )
 
@@ -498,6 +511,29 @@ def _wait_services(state: MeshState, ports: MeshPorts, timeout_s: float, echo: E
             raise MeshError(f"{', '.join(pending)} did not report SERVING within {timeout_s:.0f} s:\n{details}")
         if pending:
             time.sleep(0.25)
+
+
+def render_gateway(ports: MeshPorts, upstreams: dict[str, str], echo: Echo = print) -> str:
+    """The local gateway config: gateway/envoy.yaml rendered with :class:`GatewaySettings` from
+    the environment. Says plainly when it is in dev mode (no authentication). Raises
+    :class:`MeshError` when a setting or a credential file is invalid."""
+    try:
+        settings = GatewaySettings()
+        text = render_envoy_config(
+            ports.gateway, ports.admin, upstreams, stats_port=ports.gateway_stats, options=settings.options()
+        )
+    except (ValidationError, GatewayConfigError) as exc:
+        raise MeshError(f"gateway settings (AGENTMESH_GATEWAY_*): {exc}") from None
+    if settings.dev_mode:
+        echo(
+            "gateway: DEV MODE, authentication OFF: any caller may call any method for any tenant "
+            "(x-tenant-id is believed). Set AGENTMESH_GATEWAY_JWKS_FILE (+ _JWT_ISSUER, _JWT_AUDIENCE) "
+            "or AGENTMESH_GATEWAY_API_KEYS_FILE before exposing it."
+        )
+    else:
+        kinds = [k for k, on in (("JWT", settings.jwks_file), ("API keys", settings.api_keys_file)) if on]
+        echo(f"gateway: authentication on ({' and '.join(kinds)})")
+    return text
 
 
 def _wait_gateway(state: MeshState, ports: MeshPorts, timeout_s: float, echo: Echo) -> None:
@@ -593,7 +629,7 @@ def up(
             _wait_services(state, ports, timeout_s, echo)
 
             upstreams = {kind: f"{LOCAL_HOST}:{ports.service(kind)}" for kind in SERVICE_NAMES}
-            paths.envoy_config.write_text(render_envoy_config(ports.gateway, ports.admin, upstreams), encoding="utf-8")
+            paths.envoy_config.write_text(render_gateway(ports, upstreams, echo), encoding="utf-8")
             try:
                 proc = start_envoy(paths.envoy_config, ports.admin, paths.logs)
             except (RuntimeError, FileNotFoundError) as exc:

@@ -17,8 +17,12 @@ UPSTREAMS = {kind: f"127.0.0.1:{port}" for kind, port in DEFAULT_PORTS.items()}
 
 
 def test_template_placeholders_are_exactly_the_documented_ones():
-    expected = {"LISTEN_ADDRESS", "LISTEN_PORT", "ADMIN_PORT"} | {
+    expected = {"LISTEN_ADDRESS", "LISTEN_PORT", "ADMIN_PORT", "STATS_PORT"} | {
         f"{kind.upper()}_{part}" for kind in DEFAULT_PORTS for part in ("HOST", "PORT")
+    } | {
+        "DEV_NO_AUTH", "JWKS_PATH", "JWT_ISSUER", "JWT_AUDIENCE", "API_KEYS_PATH", "DESCRIPTOR_SET_PATH",
+        "CORS_ORIGIN_REGEX", "RATE_LIMIT_RUN_RPS", "RATE_LIMIT_ADMIN_RPS", "RATE_LIMIT_DEFAULT_RPS",
+        "MAX_HEAP_BYTES", "OTLP_HOST", "OTLP_PORT", "TRACE_SAMPLING_PERCENT",
     }
     assert template_placeholders(DEFAULT_TEMPLATE.read_text()) == expected
 

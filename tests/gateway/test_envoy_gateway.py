@@ -39,7 +39,14 @@ def test_local_render_passes_envoy_validate(tmp_path):
         c["name"]: c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
         for c in parsed["static_resources"]["clusters"]
     }
-    assert endpoints == {k: {"address": "127.0.0.1", "port_value": p} for k, p in DEFAULT_PORTS.items()}
+    assert endpoints == {k: {"address": "127.0.0.1", "port_value": p} for k, p in DEFAULT_PORTS.items()} | {
+        "otlp_collector": {"address": "127.0.0.1", "port_value": 4317},
+        "envoy_admin": {"address": "127.0.0.1", "port_value": 9901},  # only behind the stats listener
+    }
+    stats = parsed["static_resources"]["listeners"][1]
+    assert stats["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 9902}
+    stats_routes = stats["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    assert sorted(r["match"]["path"] for r in stats_routes) == ["/ready", "/stats/prometheus"]
 
 
 def test_cluster_render_with_dns_names_passes_envoy_validate(tmp_path):
@@ -52,18 +59,100 @@ def test_cluster_render_with_dns_names_passes_envoy_validate(tmp_path):
     assert parsed["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"  # admin never public
 
 
-def test_routes_cover_every_service_with_grpc_timeouts():
+STREAMING_METHODS = {
+    "/agentmesh.agent.v1.AgentService/Run",
+    "/agentmesh.llm.v1.LLMService/StreamGenerate",
+    "/agentmesh.llm.v1.LLMService/Generate",  # unary, but as long as a whole generation
+    "/agentmesh.memory.v1.MemoryService/WatchSession",
+    "/agentmesh.retrieval.v1.RetrievalService/IngestDocuments",
+    "/agentmesh.tools.v1.ToolService/ExecuteTool",
+}
+IDEMPOTENT_METHODS = {
+    "/agentmesh.retrieval.v1.RetrievalService/Search",
+    "/agentmesh.llm.v1.LLMService/ListModels",
+    "/agentmesh.tools.v1.ToolService/ListTools",
+    "/agentmesh.memory.v1.MemoryService/GetContext",
+    "/agentmesh.memory.v1.MemoryService/ListMessages",
+    "/grpc.health.v1.Health/Check",
+}
+
+
+def _route_for(routes: list[dict], path: str) -> dict:
+    """The first route whose match takes a gRPC call to ``path`` (Envoy's first-match rule)."""
+    for route in routes:
+        match = route["match"]
+        if "headers" in match:  # the OPTIONS (CORS preflight) route
+            continue
+        if match.get("path") == path or ("prefix" in match and path.startswith(match["prefix"])):
+            return route
+        if "safe_regex" in match and re.fullmatch(match["safe_regex"]["regex"], path):
+            return route
+    raise AssertionError(f"no route for {path}")
+
+
+def test_routes_cover_every_service_with_grpc_timeouts_and_safe_retries():
     parsed = yaml.safe_load(render_envoy_config(8080, 9901, LOCAL_UPSTREAMS))
     hcm = parsed["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
-    by_prefix = {r["match"]["prefix"]: r["route"] for r in routes}
     for kind, name in SERVICE_NAMES.items():
-        assert by_prefix[f"/{name}/"]["cluster"] == kind
-    for route in by_prefix.values():
-        assert route["timeout"] == "0s"
-        assert route["max_stream_duration"] == {"grpc_timeout_header_max": "0s"}
+        assert _route_for(routes, f"/{name}/Anything")["route"]["cluster"] == kind
+    for route in routes:
+        action = route.get("route")
+        if action is None:
+            assert route["match"] == {"prefix": "/"} and route["direct_response"]["status"] == 404
+            continue
+        assert action["timeout"] in ("0s", "5s")  # 5 s: the CORS preflight route, answered by Envoy
+    for path in STREAMING_METHODS | IDEMPOTENT_METHODS | {"/agentmesh.memory.v1.MemoryService/AppendMessages"}:
+        action = _route_for(routes, path)["route"]
+        # The client's deadline always wins; without one a stream is bounded only by the idle
+        # timeout and a unary call by 120 s.
+        expected = {"grpc_timeout_header_max": "0s"}
+        if path not in STREAMING_METHODS and not path.startswith("/grpc.health.v1."):  # Watch streams
+            expected["max_stream_duration"] = "120s"
+        assert action["max_stream_duration"] == expected, path
+        retry_on = set(action["retry_policy"]["retry_on"].split(","))
+        # UNAVAILABLE is retried only where repeating the call is harmless.
+        assert ("unavailable" in retry_on) == (path in IDEMPOTENT_METHODS), path
+        assert {"connect-failure", "refused-stream", "reset-before-request"} <= retry_on
+        assert action["retry_policy"]["retry_host_predicate"][0]["name"] == "envoy.retry_host_predicates.previous_hosts"
+    assert hcm["stream_idle_timeout"] == "300s"
     assert hcm["codec_type"] == "AUTO"
     assert hcm["generate_request_id"] is True
+
+
+def test_every_upstream_cluster_has_outlier_detection_and_circuit_breakers():
+    parsed = yaml.safe_load(render_envoy_config(8080, 9901, LOCAL_UPSTREAMS))
+    clusters = {c["name"]: c for c in parsed["static_resources"]["clusters"]}
+    for kind in SERVICE_NAMES:
+        cluster = clusters[kind]
+        outlier = cluster["outlier_detection"]
+        assert outlier["consecutive_local_origin_failure"] == 3 and outlier["enforcing_consecutive_local_origin_failure"] == 100
+        assert outlier["consecutive_5xx"] == 5 and outlier["max_ejection_percent"] == 50
+        thresholds = cluster["circuit_breakers"]["thresholds"][0]
+        assert thresholds["max_requests"] == thresholds["max_pending_requests"] == thresholds["max_connections"] == 1024
+        assert thresholds["retry_budget"]["budget_percent"]["value"] == 20.0
+        assert cluster["health_checks"][0]["grpc_health_check"]["service_name"] == SERVICE_NAMES[kind]
+
+
+def test_edge_limits_and_overload_manager():
+    parsed = yaml.safe_load(render_envoy_config(8080, 9901, LOCAL_UPSTREAMS))
+    overload = parsed["overload_manager"]
+    monitors = {m["name"]: m["typed_config"] for m in overload["resource_monitors"]}
+    assert monitors["envoy.resource_monitors.fixed_heap"]["max_heap_size_bytes"] == 1 << 30
+    assert monitors["envoy.resource_monitors.global_downstream_max_connections"]["max_active_downstream_connections"] == 10000
+    assert {a["name"] for a in overload["actions"]} >= {
+        "envoy.overload_actions.shrink_heap",
+        "envoy.overload_actions.stop_accepting_requests",
+        "envoy.overload_actions.reset_high_memory_stream",
+    }
+    listener = parsed["static_resources"]["listeners"][0]
+    assert listener["per_connection_buffer_limit_bytes"] == 32768
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["use_remote_address"] is True and hcm["normalize_path"] is True
+    assert hcm["common_http_protocol_options"]["headers_with_underscores_action"] == "REJECT_REQUEST"
+    assert hcm["max_request_headers_kb"] == 60
+    assert hcm["http2_protocol_options"]["max_concurrent_streams"] == 100
+    assert hcm["http2_protocol_options"]["initial_stream_window_size"] == 65536
 
 
 async def test_each_service_prefix_reaches_its_own_upstream(gateway: Gateway):
