@@ -1,80 +1,90 @@
 """The LLM router: ``agentmesh.llm.v1.LLMService``.
 
-It validates a request, sends it to the configured provider (OpenAI-compatible, Anthropic, or the
-extractive provider) and streams typed events back:
+It validates a request, routes it over the model catalogue (:mod:`.catalogue`, :mod:`.routing`)
+to an OpenAI-compatible, Azure OpenAI, Anthropic or extractive deployment, and streams typed
+events back:
 
     metadata, (citation | text_delta | tool_call_delta)*, usage, finish
+    metadata, (citation | text_delta | tool_call_delta)+, interrupted, then a gRPC status
 
-Failure semantics (DESIGN.md §8):
-- Events are held back until the provider's first text or tool-call delta. A provider failure
-  before it (connection error, HTTP 5xx, 429, an ``error`` event, no first token within
-  ``first_token_timeout_s``) falls back to the extractive provider when
-  ``fallback_to_extractive`` is on; the caller sees a normal stream whose ``metadata.notice``
-  says why (and a warning is logged). Without fallback it ends with a status (below).
-- A failure after the first delta ends the stream with UNAVAILABLE (DEADLINE_EXCEEDED for a
-  timeout) whose message says the stream was cut and how much had been sent; the trailing
-  metadata ``agentmesh-sent-deltas`` / ``agentmesh-sent-tokens`` carry the same counts. A stream
-  that simply stops without the provider's terminal event is reported the same way: there is
-  never a silent truncation.
-- Status codes before the first delta: 429 → RESOURCE_EXHAUSTED (message gives ``retry-after``),
-  timeout → DEADLINE_EXCEEDED, 5xx / connection → UNAVAILABLE, provider 400 → INVALID_ARGUMENT,
-  401/403 → UNAVAILABLE naming the key's environment variable, 404 → NOT_FOUND.
-
-Every provider call gets a timeout derived from the caller's deadline (``downstream_timeout``),
-capped by ``total_timeout_s``; cancelling the RPC cancels the provider call and closes its HTTP
-stream. ``Generate`` is ``StreamGenerate`` collected into one response.
+The generation itself — failover before the first token, retries, circuit breakers, admission,
+caching, the stream-failure semantics — is :mod:`.pipeline`; this module holds the settings, the
+service's life cycle (catalogue loading and hot reload, Redis, metrics endpoint), request
+validation and the unary RPCs. ``Generate`` is ``StreamGenerate`` collected into one response.
+README.md documents the behaviour and every setting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
+import os
+import random
 import re
-from collections.abc import AsyncIterator
-from typing import Literal
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import grpc
+import redis
+import redis.asyncio as aioredis
 from google.protobuf import json_format, struct_pb2
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from agentmesh.common.v1 import common_pb2
 from agentmesh.llm.v1 import llm_pb2, llm_pb2_grpc
-from agentmesh.services.llm.providers.base import ErrorKind, GenerationRequest, Provider, ProviderError
+from agentmesh.services.llm import catalogue as cat
+from agentmesh.services.llm import telemetry as tm
+from agentmesh.services.llm.admission import Admission, Scope
+from agentmesh.services.llm.admission import period as budget_period
+from agentmesh.services.llm.cache import ResponseCache
+from agentmesh.services.llm.counting import Tokenizers
+from agentmesh.services.llm.pipeline import (
+    DEADLINE_RESERVE_S,
+    SENT_DELTAS_KEY,
+    SENT_TOKENS_KEY,
+    Generation,
+    api_key_id,
+)
+from agentmesh.services.llm.providers.base import GenerationRequest, Provider
 from agentmesh.services.llm.providers.extractive import ExtractiveProvider
-from agentmesh.services.runtime.tokens import count_tokens
-from agentmesh.services.runtime.context import downstream_timeout
-from agentmesh.services.runtime.errors import ServiceError, invalid_argument
+from agentmesh.services.llm.routing import CircuitBreaker, Router, Runtime, strategy_proto
+from agentmesh.services.runtime.context import current_tenant, downstream_timeout
+from agentmesh.services.runtime.errors import ServiceError, invalid_argument, not_found
 from agentmesh.services.runtime.server import Service
 from agentmesh.services.runtime.settings import ServiceSettings
+
+__all__ = ["EXTRACTIVE_MODEL", "SENT_DELTAS_KEY", "SENT_TOKENS_KEY", "LLMService", "LLMSettings", "collect", "create"]
 
 log = logging.getLogger("agentmesh.llm")
 
 Role = common_pb2.Role
 #: The common subset of OpenAI and Anthropic tool names (common.v1.ToolDefinition.name).
 TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-#: Seconds of the caller's deadline kept back so a fallback or a status still reaches the caller.
-DEADLINE_RESERVE_S = 0.25
 #: Model name that selects the extractive provider explicitly.
-EXTRACTIVE_MODEL = "extractive"
-#: Trailing-metadata keys set when a stream is cut after its first delta.
-SENT_DELTAS_KEY = "agentmesh-sent-deltas"
-SENT_TOKENS_KEY = "agentmesh-sent-tokens"
-
-_DELTAS = ("text_delta", "tool_call_delta")
+EXTRACTIVE_MODEL = cat.EXTRACTIVE
+#: Longest cache entry lifetime a request may ask for, in seconds (30 days).
+MAX_CACHE_TTL_S = 30 * 86_400
 
 
 class LLMSettings(ServiceSettings):
-    """Settings of the LLM router (env prefix ``AGENTMESH_LLM_``; the provider keys and the OpenAI
-    base URL are also read from the SDKs' own variables). Invalid combinations fail at start."""
+    """Settings of the LLM router (env prefix ``AGENTMESH_LLM_``; the provider keys, the OpenAI
+    base URL and the Redis URL are also read from their usual unprefixed variables). Invalid
+    combinations fail at start."""
 
     model_config = SettingsConfigDict(env_prefix="AGENTMESH_LLM_", extra="ignore", populate_by_name=True)
 
+    catalogue: str = Field("", description="Path of the model catalogue (YAML); empty = one provider from the "
+                           "variables below.")
+    catalogue_reload_s: float = Field(5.0, ge=0, description="How often the catalogue file is checked for changes, "
+                                      "in seconds (0 = never reload).")
     provider: Literal["auto", "openai", "anthropic", "extractive"] = Field(
         "auto",
-        description="Provider to call. auto = openai when an OpenAI key or base URL is set, else "
+        description="Provider to call without a catalogue. auto = openai when an OpenAI key or base URL is set, else "
         "anthropic when an Anthropic key is set, else extractive.",
     )
     model: str = Field("", description="Upstream model used when a request names none; empty = provider default.")
@@ -92,20 +102,48 @@ class LLMSettings(ServiceSettings):
     anthropic_api_key: SecretStr = Field(
         SecretStr(""), validation_alias=AliasChoices("AGENTMESH_LLM_ANTHROPIC_API_KEY", "ANTHROPIC_API_KEY")
     )
+    client: Literal["lean", "httpx", "sdk"] = Field(
+        "lean", description="Transport of deployments that set none: lean (HTTP/1.1 on asyncio), httpx, or the "
+        "official SDK.",
+    )
     default_max_tokens: int = Field(1024, ge=1, description="Completion tokens when a request sets max_tokens=0.")
     max_tokens_limit: int = Field(16384, ge=1, description="Largest max_tokens a request may ask for.")
     first_token_timeout_s: float = Field(
-        30.0, gt=0, description="Seconds to wait for the provider's first text or tool-call delta."
+        30.0, gt=0, description="Seconds to wait for a deployment's first text or tool-call delta."
     )
     total_timeout_s: float = Field(
-        300.0, gt=0, description="Seconds a whole generation may take (the caller's deadline may cut it shorter)."
+        300.0, gt=0, description="Seconds a whole request may take, failovers included (the caller's deadline may "
+        "cut it shorter); also a deployment's default total timeout per attempt.",
     )
     fallback_to_extractive: bool = Field(
-        True, description="Answer with the extractive provider when the provider fails before its first delta."
+        True, description="Answer with the extractive provider when every deployment failed before its first delta."
     )
     provider_max_retries: int = Field(
-        0, ge=0, le=5, description="SDK retries per provider call (0: fail fast and fall back instead)."
+        0, ge=0, le=10, description="Retries per deployment on 429 / 5xx / connection errors, for deployments that "
+        "set no max_retries (0: fail over at once).",
     )
+    retry_base_s: float = Field(0.25, gt=0, description="Backoff base: retry n waits up to base * 2**n seconds.")
+    retry_max_s: float = Field(8.0, gt=0, description="Longest backoff between two retries, in seconds.")
+    max_retry_after_s: float = Field(
+        10.0, ge=0, description="A provider's retry-after longer than this fails over instead of waiting, in seconds."
+    )
+    coalesce_deltas: bool = Field(
+        False, description="Merge the deltas that queued up while the previous message was being sent into one "
+        "message (fewer, larger messages once the router is saturated; the text is unchanged).",
+    )
+    redis_url: str = Field(
+        "", validation_alias=AliasChoices("AGENTMESH_LLM_REDIS_URL", "REDIS_URL"),
+        description="Redis for admission counters, spend and the response cache; empty = none (limits then refused).",
+    )
+    redis_prefix: str = Field("agentmesh:llm", min_length=1, description="Prefix of the router's Redis keys.")
+    admission_fail_open: bool = Field(
+        False, description="Admit requests when Redis is unreachable (default: refuse them with UNAVAILABLE)."
+    )
+    cache_ttl_s: int = Field(3600, ge=1, le=MAX_CACHE_TTL_S, description="Default lifetime of a cache entry, in s.")
+    cache_max_bytes: int = Field(1 << 20, ge=1024, description="Largest answer stored in the cache, in bytes.")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Port of the Prometheus /metrics endpoint; 0 = off.")
+    tiktoken_dir: str = Field("", description="Folder with tiktoken encoding files (o200k_base.tiktoken...).")
+    max_upstream_connections: int = Field(1000, ge=1, description="Open connections per deployment, at most.")
 
     @model_validator(mode="after")
     def _check(self) -> LLMSettings:
@@ -134,32 +172,60 @@ class LLMSettings(ServiceSettings):
         return "extractive"
 
 
-def build_provider(settings: LLMSettings) -> Provider:
-    """The provider ``settings`` select, constructed with its configuration (no remote call)."""
+def env_catalogue(settings: LLMSettings, base: cat.Catalogue | None = None) -> cat.Catalogue:
+    """The one-deployment catalogue of a router configured by environment variables (with the
+    limits of ``base``, a catalogue file that declares no models)."""
+    from agentmesh.services.llm.providers import anthropic as anthropic_provider  # noqa: PLC0415
+    from agentmesh.services.llm.providers import openai as openai_provider  # noqa: PLC0415
+
     kind = settings.resolved_provider()
     if kind == "openai":
-        from agentmesh.services.llm.providers.openai import OpenAIProvider  # noqa: PLC0415 - import only the SDK in use (0.4-1.4 s each)
+        model = settings.model or openai_provider.DEFAULT_MODEL
+        base_url, key = settings.openai_base_url, settings.openai_api_key.get_secret_value()
+        variable = "AGENTMESH_LLM_OPENAI_API_KEY (or OPENAI_API_KEY)"
+    elif kind == "anthropic":
+        model = settings.model or anthropic_provider.DEFAULT_MODEL
+        base_url, key = settings.anthropic_base_url, settings.anthropic_api_key.get_secret_value()
+        variable = "AGENTMESH_LLM_ANTHROPIC_API_KEY (or ANTHROPIC_API_KEY)"
+    else:
+        model, base_url, key, variable = "", "", "", ""
+    return cat.single_deployment(
+        provider=kind, model=model, base_url=base_url, api_key=key, key_variable=variable,
+        max_retries=settings.provider_max_retries,
+        limits=base.limits if base else None, circuit_breaker=base.circuit_breaker if base else None,
+    )
+
+
+def build_provider(config: cat.DeploymentConfig, settings: LLMSettings) -> Provider:
+    """The provider client of a deployment (constructed only; no remote call)."""
+    transport = config.client or settings.client
+    if config.provider in ("openai", "azure"):
+        from agentmesh.services.llm.providers.openai import OpenAIProvider  # noqa: PLC0415
 
         return OpenAIProvider(
-            model=settings.model,
-            base_url=settings.openai_base_url,
-            api_key=settings.openai_api_key.get_secret_value(),
-            max_retries=settings.provider_max_retries,
+            model=config.model, base_url=config.base_url, api_key=config.api_key, transport=transport,
+            azure=config.provider == "azure", api_version=config.api_version, key_env=config.key_variable,
+            max_connections=settings.max_upstream_connections,
         )
-    if kind == "anthropic":
+    if config.provider == "anthropic":
         from agentmesh.services.llm.providers.anthropic import AnthropicProvider  # noqa: PLC0415
 
         return AnthropicProvider(
-            model=settings.model,
-            base_url=settings.anthropic_base_url,
-            api_key=settings.anthropic_api_key.get_secret_value(),
-            max_retries=settings.provider_max_retries,
+            model=config.model, base_url=config.base_url, api_key=config.api_key, transport=transport,
+            key_env=config.key_variable, max_connections=settings.max_upstream_connections,
         )
     return ExtractiveProvider()
 
 
-def _base_url_variable(provider: Provider) -> str:
-    return f"AGENTMESH_LLM_{provider.name.upper()}_BASE_URL"
+@dataclass
+class RouterState:
+    """One catalogue with its runtimes (swapped whole on reload; requests keep the one they started with)."""
+
+    catalogue: cat.Catalogue
+    router: Router
+    runtimes: dict[str, Runtime]
+    extractive: Runtime
+    from_env: bool
 
 
 class LLMService(Service, llm_pb2_grpc.LLMServiceServicer):
@@ -170,73 +236,276 @@ class LLMService(Service, llm_pb2_grpc.LLMServiceServicer):
     def __init__(self, settings: LLMSettings):
         super().__init__(settings)
         self.settings: LLMSettings = settings
-        self.provider: Provider | None = None
-        self.extractive = ExtractiveProvider()
+        self.state: RouterState | None = None
+        self.tokenizers = Tokenizers(settings.tiktoken_dir)
+        self.rng = random.Random()  # noqa: S311 - jitter and load spreading, not security
+        self.redis: aioredis.Redis | None = None
+        self.admission: Admission | None = None
+        self.cache: ResponseCache | None = None
+        self._retired: list[Runtime] = []
+        self._tasks: set[asyncio.Task] = set()
+        self._watcher: asyncio.Task | None = None
+        self._stamp: tuple[int, int, int] | None = None
+        self._metrics_server: Any = None
+        extractive_config = cat.DeploymentConfig(name=cat.EXTRACTIVE, provider="extractive")
+        self._extractive = Runtime(extractive_config, ExtractiveProvider(),
+                                   CircuitBreaker(cat.CircuitBreakerConfig()), self.tokenizers.for_model("extractive", ""))
 
-    # --- Service lifecycle ---------------------------------------------------------------------
+    # --- life cycle ---------------------------------------------------------------------------
 
     def register(self, server: grpc.aio.Server) -> None:
         llm_pb2_grpc.add_LLMServiceServicer_to_server(self, server)
 
+    def _load(self) -> tuple[cat.Catalogue, bool]:
+        """(catalogue, built from the environment). Raises CatalogueError."""
+        if not self.settings.catalogue:
+            return env_catalogue(self.settings), True
+        loaded = cat.load(self.settings.catalogue)
+        if not loaded.models:
+            return env_catalogue(self.settings, loaded), True
+        return loaded, False
+
+    def _check_redis_needs(self, catalogue: cat.Catalogue) -> None:
+        needs = catalogue.limits.any or any(d.rpm or d.tpm for d in catalogue.deployments())
+        if needs and not self.settings.redis_url:
+            raise cat.CatalogueError(
+                "the catalogue sets rate limits or budgets, which are enforced in Redis: set AGENTMESH_LLM_REDIS_URL "
+                "(or REDIS_URL)"
+            )
+
     async def start(self) -> None:
-        self.provider = build_provider(self.settings)
-        log.info(
-            "provider configured",
-            extra={"fields": {"provider": self.provider.name, "model": self.provider.model}},
-        )
+        """Load the catalogue (a bad one stops the process with a message naming the field),
+        connect Redis, load the tokenizers, start the reload watcher and the metrics endpoint."""
+        catalogue, from_env = self._load()
+        self._check_redis_needs(catalogue)
+        if self.settings.redis_url:
+            self.redis = aioredis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=2, socket_timeout=5,
+                                                 health_check_interval=30)
+            self.admission = Admission(self.redis, self.settings.redis_prefix)
+            self.cache = ResponseCache(self.redis, self.settings.redis_prefix, self.settings.cache_max_bytes)
+        await self._install(catalogue, from_env)
+        if self.settings.catalogue:
+            self._stamp = _stamp(self.settings.catalogue)
+            if self.settings.catalogue_reload_s > 0:
+                self._watcher = asyncio.create_task(self._watch())
+        if self.settings.metrics_port and "metrics_port" not in ServiceSettings.model_fields:
+            # A runtime whose serve() exposes /metrics itself declares metrics_port in ServiceSettings;
+            # until then the router serves the default registry on its own.
+            from prometheus_client import start_http_server  # noqa: PLC0415
+
+            self._metrics_server, _ = start_http_server(self.settings.metrics_port, addr=self.settings.host)
+            log.info("metrics endpoint listening", extra={"fields": {"port": self.settings.metrics_port}})
+
+    async def _install(self, catalogue: cat.Catalogue, from_env: bool) -> None:
+        old = self.state
+        runtimes: dict[str, Runtime] = {}
+        for config in catalogue.deployments():
+            previous = old.runtimes.get(config.name) if old else None
+            if previous is not None and previous.config == config:
+                runtimes[config.name] = previous
+                continue
+            breaker = CircuitBreaker(config.circuit_breaker or catalogue.circuit_breaker, tm.circuit_listener(config.name))
+            provider = build_provider(config, self.settings)
+            runtimes[config.name] = Runtime(config, provider, breaker,
+                                            self.tokenizers.for_model(config.provider, provider.model))
+        openai_models = [(r.config.provider, r.provider.model) for r in runtimes.values()
+                         if r.config.provider in ("openai", "azure")]
+        if openai_models:
+            # tiktoken files load in about a second: never on a request's path.
+            await asyncio.to_thread(self.tokenizers.preload, openai_models)
+        router = Router(catalogue, runtimes, self._extractive, self.settings.fallback_to_extractive, self.rng)
+        self.state = RouterState(catalogue, router, runtimes, self._extractive, from_env)
+        if old:
+            kept = {id(r) for r in runtimes.values()}
+            self._retired += [r for r in old.runtimes.values() if id(r) not in kept]
+        await self._close_idle_retired()
+
+    async def _close_idle_retired(self) -> None:
+        idle = [r for r in self._retired if r.in_flight == 0]
+        self._retired = [r for r in self._retired if r.in_flight > 0]
+        for runtime in idle:
+            await runtime.provider.aclose()
+
+    async def _watch(self) -> None:
+        """Reload the catalogue when its file changes; a bad file keeps the previous catalogue."""
+        path = self.settings.catalogue
+        while True:
+            await asyncio.sleep(self.settings.catalogue_reload_s)
+            await self._close_idle_retired()
+            stamp = _stamp(path)
+            if stamp is None or stamp == self._stamp:
+                continue
+            self._stamp = stamp
+            try:
+                catalogue, from_env = self._load()
+                self._check_redis_needs(catalogue)
+                await self._install(catalogue, from_env)
+            except cat.CatalogueError as exc:
+                tm.RELOADS.labels("error").inc()
+                log.error("catalogue reload failed; the previous catalogue stays in use",
+                          extra={"fields": {"path": path, "error": str(exc)}})
+                continue
+            except Exception:  # noqa: BLE001 - a reload must never kill the watcher
+                tm.RELOADS.labels("error").inc()
+                log.exception("catalogue reload failed; the previous catalogue stays in use")
+                continue
+            tm.RELOADS.labels("ok").inc()
+            log.info("catalogue reloaded", extra={"fields": {
+                "path": path, "models": list(catalogue.models), "deployments": len(catalogue.deployments())}})
 
     async def ready(self) -> tuple[bool, str]:
-        # The remote provider is not called: a probe must not spend tokens or trip rate limits, and
-        # the extractive fallback answers even while the provider is down.
-        if self.provider is None:
-            return False, "provider not constructed yet"
-        return True, f"provider {self.provider.name} configured with model {self.provider.model}"
+        """Ready once the catalogue's clients are built and, when configured, Redis answers PING.
+        The probe never calls a provider (no tokens spent; the fallbacks answer while one is down)."""
+        state = self.state
+        if state is None:
+            return False, "the catalogue is not loaded yet"
+        if self.redis is not None:
+            try:
+                await asyncio.wait_for(self.redis.ping(), timeout=2)
+            except (redis.RedisError, OSError, TimeoutError) as exc:
+                return False, f"Redis ({self.settings.redis_url}) is unreachable: {exc}"
+        models = [f"{alias}: " + ", ".join(f"{d.name} ({d.provider} {d.model or 'default'})" for d in m.deployments)
+                  for alias, m in state.catalogue.models.items()]
+        return True, "; ".join(models) or "extractive provider only"
 
     async def stop(self) -> None:
-        if self.provider is not None:
-            await self.provider.aclose()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
+        if self.state is not None:
+            for runtime in [*self.state.runtimes.values(), *self._retired]:
+                await runtime.provider.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
 
-    # --- RPCs ----------------------------------------------------------------------------------
+    def background(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run ``coroutine`` without waiting for it (kept referenced until it ends)."""
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    async def StreamGenerate(  # noqa: N802 - gRPC method name
+    def current(self) -> RouterState:
+        if self.state is None:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the LLM router is still starting; retry shortly")
+        return self.state
+
+    # --- RPCs ---------------------------------------------------------------------------------
+
+    def StreamGenerate(  # noqa: N802 - gRPC method name
         self, request: llm_pb2.StreamGenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[llm_pb2.StreamGenerateResponse]:
-        """Stream one generation. Raises INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE,
-        DEADLINE_EXCEEDED or NOT_FOUND as described in the module docstring."""
-        async for event in self._generate(request, context):
-            yield event
+        """The event stream described in the module docstring. Statuses: INVALID_ARGUMENT (bad
+        request, or too long for every context window), NOT_FOUND (unknown model / deployment),
+        RESOURCE_EXHAUSTED (a limit or budget, with RetryInfo), UNAVAILABLE / DEADLINE_EXCEEDED
+        (every deployment failed, or the stream was cut after its first delta), FAILED_PRECONDITION
+        (cache asked for without Redis)."""
+        # The generator itself is the handler's result (one async-generator layer less per event);
+        # a failure building it (bad x-api-key-id, still starting) raises here, inside the interceptor.
+        return Generation(self, self.current(), request, context).events()
 
     async def Generate(  # noqa: N802
         self, request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> llm_pb2.GenerateResponse:
-        """The same generation as StreamGenerate, collected; same errors. A tool call whose
+        """``StreamGenerate`` collected into one response (same statuses); a tool call whose
         arguments are not a JSON object (e.g. cut by max_tokens) raises UNAVAILABLE."""
-        return await collect(self._generate(request, context))
+        return await collect(Generation(self, self.current(), request, context).events())  # type: ignore[arg-type]
 
     async def ListModels(  # noqa: N802
         self, request: llm_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> llm_pb2.ListModelsResponse:
-        """The configured provider's default model, and the extractive provider."""
-        provider = self._configured()
+        """Every alias with its deployments and their live state (circuit, in flight, TTFT), then
+        the extractive provider."""
+        state = self.current()
+        default = state.catalogue.default_alias
         models = []
-        if provider.is_llm:
-            models.append(llm_pb2.Model(name=provider.model, provider=provider.name, is_llm=True, is_default=True))
-        models.append(
-            llm_pb2.Model(
-                name=EXTRACTIVE_MODEL, provider=self.extractive.name, is_llm=False, is_default=not provider.is_llm
-            )
-        )
+        for alias, config in state.catalogue.models.items():
+            deployments = [self._describe(state.runtimes[d.name]) for d in config.deployments]
+            models.append(llm_pb2.Model(
+                name=alias, provider=config.deployments[0].provider, is_llm=config.deployments[0].provider != "extractive",
+                is_default=alias == default, strategy=strategy_proto(config.strategy), deployments=deployments,
+                fallback_models=config.fallbacks, context_window_fallback_models=config.context_window_fallbacks,
+            ))
+        models.append(llm_pb2.Model(
+            name=EXTRACTIVE_MODEL, provider="extractive", is_llm=False, is_default=default == EXTRACTIVE_MODEL,
+            strategy=llm_pb2.ROUTING_STRATEGY_FALLBACK, deployments=[self._describe(state.extractive)],
+        ))
         return llm_pb2.ListModelsResponse(models=models)
 
-    # --- the generation pipeline ---------------------------------------------------------------
+    def _describe(self, runtime: Runtime) -> llm_pb2.Deployment:
+        config = runtime.config
+        first = config.first_token_timeout_s or self.settings.first_token_timeout_s
+        total = config.total_timeout_s or self.settings.total_timeout_s
+        return llm_pb2.Deployment(
+            name=config.name, provider=config.provider, upstream_model=runtime.provider.model,
+            base_url=runtime.provider.base_url, weight=config.weight, rpm_limit=config.rpm, tpm_limit=config.tpm,
+            input_usd_per_million_tokens=config.input_usd_per_mtok,
+            output_usd_per_million_tokens=config.output_usd_per_mtok, context_window_tokens=config.context_window,
+            circuit_state=runtime.breaker.state.value, in_flight=max(0, runtime.in_flight),
+            ttft_ewma_ms=0.0 if runtime.ttft_ewma_s is None else runtime.ttft_ewma_s * 1000,
+            first_token_timeout_ms=round(first * 1000), total_timeout_ms=round(total * 1000),
+        )
 
-    def _configured(self) -> Provider:
-        if self.provider is None:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the LLM router is still starting; retry shortly")
-        return self.provider
+    async def CountTokens(  # noqa: N802
+        self, request: llm_pb2.CountTokensRequest, context: grpc.aio.ServicerContext
+    ) -> llm_pb2.CountTokensResponse:
+        """Input tokens of the request on the deployment it would be routed to first (or the one
+        named). INVALID_ARGUMENT for a bad request, NOT_FOUND for an unknown model / deployment."""
+        state = self.current()
+        self._validate_conversation(request)
+        try:
+            plan = state.router.resolve(request.model, request.deployment, ())
+        except LookupError as err:
+            raise not_found(str(err.args[0])) from None
+        if plan.candidates:
+            runtime = plan.candidates[0].runtime
+        else:
+            runtime = state.runtimes[state.catalogue.models[plan.alias].deployments[0].name]
+        upstream = plan.upstream_override or runtime.provider.model
+        tokenizer = self.tokenizers.for_model(runtime.config.provider, upstream)
+        count = await asyncio.to_thread(tokenizer.prompt, runtime.config.provider, request.messages,
+                                        request.tools, request.context)
+        return llm_pb2.CountTokensResponse(
+            input_tokens=count.tokens, approximate=count.approximate, tokenizer=count.tokenizer,
+            deployment=runtime.name, upstream_model=upstream, context_window_tokens=runtime.config.context_window,
+        )
 
-    def validate(self, request: llm_pb2.GenerateRequest | llm_pb2.StreamGenerateRequest) -> GenerationRequest:
-        """Check ``request`` and resolve its defaults. Raises INVALID_ARGUMENT naming the field."""
+    async def GetSpend(  # noqa: N802
+        self, request: llm_pb2.GetSpendRequest, context: grpc.aio.ServicerContext
+    ) -> llm_pb2.GetSpendResponse:
+        """Spend of the caller's tenant (and API key) in the current budget period.
+        FAILED_PRECONDITION without Redis; UNAVAILABLE when Redis does not answer."""
+        state = self.current()
+        if self.admission is None:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                               "spend is tracked in Redis: set AGENTMESH_LLM_REDIS_URL on the router")
+        limits = state.catalogue.limits
+        tenant, key = current_tenant(), api_key_id(context)
+        scopes = [Scope("tenant", tenant, limits.for_tenant(tenant) or cat.LimitConfig())]
+        if key:
+            scopes.append(Scope("api_key", key, limits.for_api_key(key) or cat.LimitConfig()))
+        import datetime as dt  # noqa: PLC0415
+
+        now = dt.datetime.now(dt.UTC)
+        spends = []
+        for scope in scopes:
+            try:
+                spent = await self.admission.spent(scope)
+            except redis.RedisError as exc:
+                raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"Redis is unreachable: {exc}") from None
+            period_id, _, _ = budget_period(scope.limits, now)
+            spends.append(llm_pb2.Spend(scope=scope.kind, id=scope.id, spent_usd=spent, budget_usd=scope.limits.budget_usd,
+                                        period=scope.limits.budget_period, period_id=period_id))
+        return llm_pb2.GetSpendResponse(spends=spends)
+
+    # --- validation ---------------------------------------------------------------------------
+
+    def _validate_conversation(self, request: Any) -> None:
         if not request.messages:
             raise invalid_argument("messages is empty: send at least one message")
         call_ids: set[str] = set()
@@ -274,6 +543,10 @@ class LLMService(Service, llm_pb2_grpc.LLMServiceServicer):
             schema_type = tool.parameters_schema.fields.get("type")
             if schema_type is not None and schema_type.string_value != "object":
                 raise invalid_argument(f"tools[{i}].parameters_schema must describe an object (\"type\": \"object\")")
+
+    def validate(self, request: llm_pb2.GenerateRequest | llm_pb2.StreamGenerateRequest) -> GenerationRequest:
+        """Check ``request`` and resolve its defaults. Raises INVALID_ARGUMENT naming the field."""
+        self._validate_conversation(request)
         options = request.options
         max_tokens = options.max_tokens or self.settings.default_max_tokens
         if max_tokens > self.settings.max_tokens_limit:
@@ -284,6 +557,8 @@ class LLMService(Service, llm_pb2_grpc.LLMServiceServicer):
         temperature = options.temperature if options.HasField("temperature") else None
         if temperature is not None and not (math.isfinite(temperature) and 0.0 <= temperature <= 2.0):
             raise invalid_argument(f"options.temperature {temperature} must be between 0 and 2")
+        if request.routing.cache_ttl_s > MAX_CACHE_TTL_S:
+            raise invalid_argument(f"routing.cache_ttl_s {request.routing.cache_ttl_s} exceeds 30 days ({MAX_CACHE_TTL_S} s)")
         return GenerationRequest(
             model=request.model,
             messages=list(request.messages),
@@ -294,162 +569,19 @@ class LLMService(Service, llm_pb2_grpc.LLMServiceServicer):
             timeout_s=downstream_timeout(self.settings.total_timeout_s, reserve_s=DEADLINE_RESERVE_S),
         )
 
-    async def _generate(
-        self, request: llm_pb2.GenerateRequest | llm_pb2.StreamGenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[llm_pb2.StreamGenerateResponse]:
-        gen = self.validate(request)
-        provider = self.extractive if request.model == EXTRACTIVE_MODEL else self._configured()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + gen.timeout_s
-        first_token_s = min(self.settings.first_token_timeout_s, gen.timeout_s)
-        first_token_timeout = (
-            f"no first token within {first_token_s:.3g} s "
-            + (
-                "(AGENTMESH_LLM_FIRST_TOKEN_TIMEOUT_S)"
-                if first_token_s == self.settings.first_token_timeout_s
-                else "(the caller's deadline)"
-            )
-        )
-        total_timeout = (
-            f"the generation did not finish within {gen.timeout_s:.3g} s "
-            "(AGENTMESH_LLM_TOTAL_TIMEOUT_S, or the caller's deadline)"
-        )
-        notice = ""
-        stream = provider.stream(gen)
-        try:
-            try:
-                head, done = await _head(stream, loop.time() + first_token_s, provider, first_token_timeout)
-            except ProviderError as err:
-                await stream.aclose()
-                if not (self.settings.fallback_to_extractive and err.kind.transient and provider.is_llm):
-                    raise self._status_before_first_delta(provider, gen, err) from err
-                log.warning(
-                    "provider failed before its first delta; answering with the extractive provider",
-                    extra={"fields": {"provider": provider.name, "error_kind": err.kind.value, "error": str(err)}},
-                )
-                notice = (
-                    f"The {provider.name} provider failed before answering ({err}); "
-                    "the extractive provider answered instead. "
-                )
-                provider = self.extractive
-                stream = provider.stream(gen)
-                head, done = await _head(stream, deadline, provider, total_timeout)
-            metadata = provider.metadata(gen)
-            metadata.notice = notice + metadata.notice
-            yield llm_pb2.StreamGenerateResponse(metadata=metadata)
-            sent_deltas = sent_tokens = 0
-            last = None
-            for event in head:
-                sent_deltas, sent_tokens = _account(event, sent_deltas, sent_tokens)
-                last = event
-                yield event
-            while not done:
-                try:
-                    event = await _next(stream, deadline, total_timeout)
-                except ProviderError as err:
-                    raise self._status_after_first_delta(provider, err, sent_deltas, sent_tokens, context) from err
-                if event is None:
-                    break
-                sent_deltas, sent_tokens = _account(event, sent_deltas, sent_tokens)
-                last = event
-                yield event
-            if last is None or not last.HasField("finish"):
-                err = ProviderError(ErrorKind.PROTOCOL, f"{provider.name} ended the stream without a finish")
-                raise self._status_after_first_delta(provider, err, sent_deltas, sent_tokens, context)
-        finally:
-            # Runs on cancellation too: closing the generator closes the provider's HTTP stream.
-            await stream.aclose()
 
-    def _status_before_first_delta(self, provider: Provider, gen: GenerationRequest, err: ProviderError) -> ServiceError:
-        name = provider.name
-        if err.kind == ErrorKind.RATE_LIMITED:
-            retry = f"; retry after {err.retry_after_s:g} s" if err.retry_after_s is not None else "; retry later"
-            return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{name} rate-limited the request ({err}){retry}")
-        if err.kind == ErrorKind.TIMEOUT:
-            return ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{name} timed out before answering: {err}")
-        if err.kind == ErrorKind.BAD_REQUEST:
-            return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"{name} refused the request ({err})")
-        if err.kind == ErrorKind.AUTH:
-            return ServiceError(
-                grpc.StatusCode.UNAVAILABLE,
-                f"{name} rejected the router's credentials ({err}): set a valid key in {provider.key_env}",
-            )
-        if err.kind == ErrorKind.NOT_FOUND:
-            return ServiceError(
-                grpc.StatusCode.NOT_FOUND,
-                f"{name} does not know model {provider.resolve_model(gen)!r} ({err}): pass a model that "
-                f"{name} serves, or check {_base_url_variable(provider)}",
-            )
-        return ServiceError(grpc.StatusCode.UNAVAILABLE, f"{name} failed before answering: {err}")
-
-    @staticmethod
-    def _status_after_first_delta(
-        provider: Provider, err: ProviderError, deltas: int, tokens: int, context: grpc.aio.ServicerContext
-    ) -> ServiceError:
-        context.set_trailing_metadata(((SENT_DELTAS_KEY, str(deltas)), (SENT_TOKENS_KEY, str(tokens))))
-        code = grpc.StatusCode.DEADLINE_EXCEEDED if err.kind == ErrorKind.TIMEOUT else grpc.StatusCode.UNAVAILABLE
-        log.warning(
-            "provider stream cut after its first delta",
-            extra={"fields": {"provider": provider.name, "error": str(err), "sent_deltas": deltas}},
-        )
-        return ServiceError(
-            code,
-            f"the {provider.name} stream was cut after {_plural(deltas, 'delta')} (about "
-            f"{_plural(tokens, 'token')}, counted as words and punctuation) had been sent: {err}. The answer "
-            "received so far is incomplete.",
-        )
-
-
-async def _next(
-    stream: AsyncIterator[llm_pb2.StreamGenerateResponse], deadline: float, timeout_message: str
-) -> llm_pb2.StreamGenerateResponse | None:
-    """The stream's next event, None at its end; ProviderError(TIMEOUT, ``timeout_message``) past
-    ``deadline`` (a ``loop.time()`` instant). A timeout cancels the provider's pending read, which
-    closes its HTTP stream."""
+def _stamp(path: str) -> tuple[int, int, int] | None:
     try:
-        async with asyncio.timeout_at(deadline):
-            return await anext(stream)
-    except StopAsyncIteration:
+        st = os.stat(path)
+    except OSError:
         return None
-    except TimeoutError:
-        raise ProviderError(ErrorKind.TIMEOUT, timeout_message) from None
-
-
-async def _head(
-    stream: AsyncIterator[llm_pb2.StreamGenerateResponse], deadline: float, provider: Provider, timeout_message: str
-) -> tuple[list[llm_pb2.StreamGenerateResponse], bool]:
-    """Events up to and including the first text/tool-call delta, and whether the stream ended.
-
-    Raises ProviderError(PROTOCOL) when the stream ends, with no delta, and without a finish."""
-    head: list[llm_pb2.StreamGenerateResponse] = []
-    while True:
-        event = await _next(stream, deadline, timeout_message)
-        if event is None:
-            if not head or not head[-1].HasField("finish"):
-                raise ProviderError(ErrorKind.PROTOCOL, f"{provider.name} ended the stream without a finish")
-            return head, True
-        head.append(event)
-        if event.WhichOneof("event") in _DELTAS:
-            return head, False
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
-def _account(event: llm_pb2.StreamGenerateResponse, deltas: int, tokens: int) -> tuple[int, int]:
-    kind = event.WhichOneof("event")
-    if kind == "text_delta":
-        return deltas + 1, tokens + count_tokens(event.text_delta.text)
-    if kind == "tool_call_delta":
-        return deltas + 1, tokens + count_tokens(event.tool_call_delta.name + event.tool_call_delta.arguments_delta)
-    return deltas, tokens
+    return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 async def collect(events: AsyncIterator[llm_pb2.StreamGenerateResponse]) -> llm_pb2.GenerateResponse:
     """Fold a StreamGenerate event stream into a GenerateResponse (tool calls reassembled by
     index, arguments parsed into a Struct). Raises UNAVAILABLE for arguments that are not a JSON
-    object."""
+    object; a stream ending in a status raises it."""
     response = llm_pb2.GenerateResponse()
     text: list[str] = []
     calls: dict[int, dict[str, list[str] | str]] = {}
@@ -500,5 +632,6 @@ async def collect(events: AsyncIterator[llm_pb2.StreamGenerateResponse]) -> llm_
 
 
 def create() -> Service:
-    """The router configured from the environment (AGENTMESH_LLM_*, OPENAI_*, ANTHROPIC_API_KEY)."""
+    """The router configured from the environment (AGENTMESH_LLM_*, OPENAI_*, ANTHROPIC_API_KEY,
+    REDIS_URL)."""
     return LLMService(LLMSettings())

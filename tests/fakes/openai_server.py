@@ -14,6 +14,8 @@ Wire format, as the real API sends it:
 It also refuses what the real API refuses and the router could get wrong: a missing model or
 messages, ``stream_options`` without streaming, a ``tool`` message that answers no preceding tool
 call, an assistant's tool call left without a ``tool`` answer, malformed tool definitions.
+It also answers Azure OpenAI's route, ``POST /openai/deployments/{deployment}/chat/completions?api-version=...``
+(key in the ``api-key`` header; a missing ``api-version`` is refused with 404 as Azure does).
 Script format and recording: see :mod:`tests.fakes.scripted`.
 
 Run: ``python -m tests.fakes.openai_server --port N --script script.json``; point the SDK at
@@ -32,6 +34,7 @@ from typing import Any
 from tests.fakes.scripted import CONTENT, META, ScriptedFakeServer, main, split_fragments, split_text, sse
 
 _TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+_AZURE_ROUTE = re.compile(r"^/openai/deployments/[A-Za-z0-9_.-]+/chat/completions\?(?:.*&)?api-version=[0-9a-z-]+(?:&.*)?$")
 _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
                 404: "invalid_request_error", 429: "requests"}
 _ERROR_CODES = {401: "invalid_api_key", 404: "model_not_found", 429: "rate_limit_exceeded"}
@@ -49,8 +52,12 @@ class FakeOpenAIServer(ScriptedFakeServer):
         """What to pass as the OpenAI SDK's ``base_url``."""
         return f"{self.url}/v1"
 
+    def matches(self, path: str) -> bool:
+        return path == self.endpoint or bool(_AZURE_ROUTE.match(path))
+
     def authorized(self, headers: dict[str, str]) -> bool:
-        return self.api_key is None or headers.get("authorization") == f"Bearer {self.api_key}"
+        return self.api_key is None or self.api_key in (
+            headers.get("authorization", "").removeprefix("Bearer "), headers.get("api-key"))
 
     def validate(self, body: dict[str, Any], headers: dict[str, str]) -> str | None:
         if not isinstance(body.get("model"), str) or not body["model"]:

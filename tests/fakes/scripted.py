@@ -145,7 +145,7 @@ class ScriptedFakeServer:
     @property
     def bodies(self) -> list[dict[str, Any]]:
         """The JSON bodies received at the provider endpoint, oldest first."""
-        return [r["body"] for r in self.requests if r["path"] == self.endpoint]
+        return [r["body"] for r in self.requests if self.matches(r["path"])]
 
     def enqueue(self, *turns: dict[str, Any]) -> None:
         with self._lock:
@@ -190,6 +190,10 @@ class ScriptedFakeServer:
         return None
 
     # --- provider specifics (subclasses) --------------------------------------------------------
+
+    def matches(self, path: str) -> bool:
+        """Whether ``path`` (with its query) is the provider endpoint."""
+        return path == self.endpoint
 
     def authorized(self, headers: dict[str, str]) -> bool:
         raise NotImplementedError
@@ -307,7 +311,7 @@ class ScriptedFakeServer:
                     self.close_connection = True
 
             def _serve(self, body: dict[str, Any], headers: dict[str, str]) -> str:
-                if self.path != fake.endpoint:
+                if not fake.matches(self.path):
                     self._json(404, fake.error_body(404, f"no route POST {self.path}", None))
                     return "failed"
                 if not fake.authorized(headers):

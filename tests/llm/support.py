@@ -88,3 +88,33 @@ async def stream(
     except grpc.aio.AioRpcError as err:
         result.error = err
     return result
+
+
+def openai_deployment(name: str, fake, **extra: object) -> dict:
+    """A catalogue deployment entry for a fake chat-completions server (key from FAKE_OPENAI_KEY)."""
+    return {"name": name, "provider": "openai", "model": f"{name}-model", "base_url": fake.base_url,
+            "api_key_env": "FAKE_OPENAI_KEY", **extra}
+
+
+def anthropic_deployment(name: str, fake, **extra: object) -> dict:
+    return {"name": name, "provider": "anthropic", "model": f"{name}-model", "base_url": fake.base_url,
+            "api_key_env": "FAKE_ANTHROPIC_KEY", **extra}
+
+
+def write_catalogue(path, catalogue: dict) -> str:
+    """Write ``catalogue`` as YAML to ``path``; returns the path as a string."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(catalogue, sort_keys=False))
+    return str(path)
+
+
+@contextlib.asynccontextmanager
+async def catalogue_router(path, catalogue: dict, **settings: object) -> AsyncIterator[llm_pb2_grpc.LLMServiceStub]:
+    """A real router serving ``catalogue`` (written to ``path``), with the fakes' keys in its environment."""
+    import os
+
+    os.environ.setdefault("FAKE_OPENAI_KEY", "sk-test")
+    os.environ.setdefault("FAKE_ANTHROPIC_KEY", "sk-ant-test")
+    async with router(catalogue=write_catalogue(path, catalogue), **settings) as stub:
+        yield stub

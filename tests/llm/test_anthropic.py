@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import grpc
+import pytest
 from google.protobuf import struct_pb2
 
 from agentmesh.common.v1 import common_pb2
 from agentmesh.llm.v1 import llm_pb2
 from tests.llm.support import ASSISTANT, CALCULATOR, SYSTEM, TOOL, chunk, router, stream, user
+
+
+@pytest.fixture(autouse=True, params=["lean", "httpx", "sdk"])
+def client(request, _no_provider_env, monkeypatch):
+    """Every test runs with each transport: lean (asyncio), httpx and the official SDK."""
+    monkeypatch.setenv("AGENTMESH_LLM_CLIENT", request.param)
+    return request.param
 
 
 def anthropic_router(fake, **settings):
@@ -32,7 +40,10 @@ async def test_text_and_tool_use_stream(anthropic_fake):
 
     assert result.error is None
     assert result.kinds() == (["metadata"] + ["text_delta"] * 3 + ["tool_call_delta"] * 5 + ["usage", "finish"])
-    assert result.metadata == llm_pb2.ResponseMetadata(provider="anthropic", model="claude-haiku-4-5", is_llm=True)
+    meta = result.metadata
+    assert (meta.provider, meta.model, meta.is_llm, meta.notice) == ("anthropic", "claude-haiku-4-5", True, "")
+    assert (meta.deployment, meta.requested_model, meta.attempts, meta.cached) == (
+        "anthropic", "claude-haiku-4-5", 1, False)
     assert result.text == "Let me compute that with the calculator."
     first, *rest = result.of("tool_call_delta")
     assert (first.index, first.id, first.name, first.arguments_delta) == (0, "toolu_01calc", "calculator", "")
@@ -95,9 +106,14 @@ async def test_error_event_after_first_delta_ends_with_unavailable(anthropic_fak
     anthropic_fake.enqueue({"text": "one two three four", "text_chunks": 4, "error_after": 1})
     async with anthropic_router(anthropic_fake) as stub:
         result = await stream(stub, llm_pb2.StreamGenerateRequest(messages=[user("count")]))
-    assert result.kinds() == ["metadata", "text_delta"]
+    assert result.kinds() == ["metadata", "text_delta", "interrupted"]  # never a silent end
     assert result.error.code() == grpc.StatusCode.UNAVAILABLE
     assert "cut after 1 delta (about 1 token," in result.error.details() and "overloaded_error" in result.error.details()
+    (interrupted,) = result.of("interrupted")
+    assert interrupted.reason == result.error.details()
+    assert interrupted.sent_deltas == 1 and interrupted.usage_estimated
+    assert interrupted.partial_usage.output_tokens == 1 and interrupted.partial_usage.input_tokens > 0
+    assert interrupted.partial_usage.total_tokens == interrupted.partial_usage.input_tokens + 1
 
 
 async def test_cut_before_first_delta_falls_back_to_extractive(anthropic_fake):

@@ -70,3 +70,23 @@ async def test_fake_control_endpoints():
             recorded = (await http.get("/_fake/requests")).json()
     assert fake.pending_turns == 1  # a refused request consumes no turn
     assert recorded[0]["body"]["messages"][0]["role"] == "system" and recorded[0]["outcome"] == "failed"
+
+
+async def test_the_fast_benchmark_fake_speaks_the_same_wire_format():
+    from tests.fakes.streaming_server import FastOpenAIServer
+
+    fake = await FastOpenAIServer(tokens=7).start()
+    try:
+        client = openai.AsyncOpenAI(base_url=fake.base_url, api_key="k", max_retries=0)
+        async with client.chat.completions.stream(model="m", messages=MESSAGES,
+                                                  stream_options={"include_usage": True}) as events:
+            completion = await events.get_final_completion()
+        await client.close()
+        async with httpx.AsyncClient() as http:
+            missing = await http.post(f"http://127.0.0.1:{fake.port}/v1/embeddings", json={})
+    finally:
+        await fake.stop()
+    assert completion.choices[0].message.content == "w0 w1 w2 w3 w4 w5 w6"
+    assert completion.choices[0].finish_reason == "stop"
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (3, 7)  # "what is 6*7?"
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "invalid_request_error"

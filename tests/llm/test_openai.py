@@ -17,6 +17,13 @@ from tests.llm.support import ASSISTANT, CALCULATOR, SYSTEM, TOOL, chunk, router
 STOP, TOOL_CALLS = common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_TOOL_CALLS
 
 
+@pytest.fixture(autouse=True, params=["lean", "httpx", "sdk"])
+def client(request, _no_provider_env, monkeypatch):
+    """Every test runs with each transport: lean (asyncio), httpx and the official SDK."""
+    monkeypatch.setenv("AGENTMESH_LLM_CLIENT", request.param)
+    return request.param
+
+
 def openai_router(fake, **settings):
     return router(provider="openai", openai_base_url=fake.base_url, openai_api_key="sk-test", **settings)
 
@@ -35,7 +42,10 @@ async def test_text_stream_has_metadata_deltas_usage_and_finish(openai_fake):
 
     assert result.error is None
     assert result.kinds() == ["metadata"] + ["text_delta"] * 4 + ["usage", "finish"]
-    assert result.metadata == llm_pb2.ResponseMetadata(provider="openai", model="gpt-test", is_llm=True)
+    meta = result.metadata
+    assert (meta.provider, meta.model, meta.is_llm, meta.notice) == ("openai", "gpt-test", True, "")
+    # No catalogue: one deployment named after the provider; any model name passes through to it.
+    assert (meta.deployment, meta.requested_model, meta.attempts, meta.cached) == ("openai", "gpt-4.1-mini", 1, False)
     assert result.text == answer
     usage = common_pb2.Usage(input_tokens=57, output_tokens=13, total_tokens=70)
     assert result.of("usage") == [usage]
@@ -195,10 +205,15 @@ async def test_stream_cut_after_first_tokens_ends_with_a_status(openai_fake):
         events = []
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             async for event in call:
-                events.append(event.WhichOneof("event"))
+                events.append(event)
         trailers = dict(await call.trailing_metadata())
 
-    assert events == ["metadata", "text_delta", "text_delta"]  # no usage, no finish: not a silent end
+    # No usage, no finish: a final `interrupted` event with the partial usage, then the status.
+    assert [e.WhichOneof("event") for e in events] == ["metadata", "text_delta", "text_delta", "interrupted"]
+    interrupted = events[-1].interrupted
+    assert interrupted.sent_deltas == 2 and interrupted.usage_estimated
+    assert interrupted.partial_usage.output_tokens == 2  # "one", " two" in o200k_base
+    assert interrupted.partial_usage.input_tokens > 0 and interrupted.reason == raised.value.details()
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "stream was cut after 2 deltas" in raised.value.details()
     assert trailers["agentmesh-sent-deltas"] == "2" and trailers["agentmesh-sent-tokens"] == "2"
@@ -241,7 +256,7 @@ async def test_provider_refusals_map_to_statuses(openai_fake, turn, code, fragme
     assert result.error.code() == code and fragment in result.error.details()
 
 
-async def test_caller_deadline_bounds_the_provider_call(openai_fake):
+async def test_caller_deadline_bounds_the_provider_call(openai_fake, client):
     openai_fake.enqueue({"text": "late", "first_token_delay_s": 5})
     async with openai_router(openai_fake, fallback_to_extractive=False) as stub:
         loop = asyncio.get_running_loop()
@@ -250,8 +265,11 @@ async def test_caller_deadline_bounds_the_provider_call(openai_fake):
         elapsed = loop.time() - start
     assert result.error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert elapsed < 3
-    # The SDK announces its request timeout; it was derived from the 1.5 s deadline, not the 300 s default.
-    assert float(openai_fake.requests[0]["headers"]["x-stainless-read-timeout"]) <= 1.5
+    if client == "sdk":
+        # The SDK announces its request timeout; it was derived from the 1.5 s deadline, not the 300 s default.
+        assert float(openai_fake.requests[0]["headers"]["x-stainless-read-timeout"]) <= 1.5
+    # Either way the upstream request was abandoned when the deadline passed.
+    assert await asyncio.to_thread(openai_fake.wait_for_outcome, 0, 6.0) == "client_disconnected"
 
 
 async def test_cancelling_the_call_closes_the_provider_stream(openai_fake):

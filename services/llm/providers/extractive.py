@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 from agentmesh.common.v1 import common_pb2
 from agentmesh.llm.v1 import llm_pb2
-from agentmesh.services.llm.providers.base import GenerationRequest, Provider, finish_events
+from agentmesh.services.llm.providers.base import Batch, GenerationRequest, Provider, finish_events
 from agentmesh.services.runtime.tokens import count_tokens
 
 FinishReason = common_pb2.FinishReason
@@ -202,7 +202,7 @@ class ExtractiveProvider(Provider):
         meta.notice = NOTICE
         return meta
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[llm_pb2.StreamGenerateResponse]:
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Batch]:
         question = next((m.content for m in reversed(request.messages) if m.role == common_pb2.ROLE_USER), "")
         input_tokens = sum(count_tokens(m.content) for m in request.messages) + sum(
             count_tokens(c.text) for c in request.context
@@ -211,12 +211,13 @@ class ExtractiveProvider(Provider):
         output_tokens = 0
         cited: set[int] = set()
         for text, chunk in deltas:
+            batch: Batch = []
             if chunk is not None and chunk not in cited:
                 cited.add(chunk)
-                yield llm_pb2.StreamGenerateResponse(
-                    citation=common_pb2.Citation(index=chunk, chunk=request.context[chunk - 1])
+                batch.append(
+                    llm_pb2.StreamGenerateResponse(citation=common_pb2.Citation(index=chunk, chunk=request.context[chunk - 1]))
                 )
             output_tokens += count_tokens(text)
-            yield llm_pb2.StreamGenerateResponse(text_delta=llm_pb2.TextDelta(text=text))
-        for event in finish_events(reason, input_tokens, output_tokens):
-            yield event
+            batch.append(llm_pb2.StreamGenerateResponse(text_delta=llm_pb2.TextDelta(text=text)))
+            yield batch
+        yield finish_events(reason, input_tokens, output_tokens)
