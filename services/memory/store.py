@@ -1,35 +1,39 @@
 """Session history in Redis.
 
-Layout: one Redis list per session, key ``{prefix}:{tenant}:session:{session_id}:messages``, one
-element per message, oldest first. The tenant cannot contain ``:`` (``[A-Za-z0-9_-]``) and the
-key ends in a fixed suffix, so two (tenant, session) pairs never map to the same key.
+Scope and keys. A session is named by (tenant, user, session id); all its keys share the prefix
+``{prefix}:{tenant}:{user}:{{session_id}}`` (:attr:`SessionRef.base`): ``:meta``, ``:messages``,
+``:tokens``, ``:pinned``, ``:idem``, ``:idem_at``, ``:lock``, and the pub/sub channel ``:events``.
+What each holds is documented in :mod:`agentmesh.services.memory.lua`. The braces are a Redis
+Cluster hash tag, so one session's keys sit in one slot and every script may touch all of them.
+The tenant holds no ``:``, the user no ``{`` and the session id neither ``{`` nor ``}``, so two
+scopes never map to the same key, and ``{prefix}:{tenant}:{user}:{*`` matches exactly one user's
+sessions (that is how :meth:`SessionStore.forget_user` finds them).
 
-Elements are ``agentmesh.common.v1.Message`` in protobuf binary encoding rather than JSON: it is
-the contract type itself, so tool-call arguments (``Struct``) round-trip exactly; it is smaller
-and faster to encode and parse; and a reader built from an older ``common.proto`` keeps fields
-added later (unknown fields survive), which matters while replicas of different versions run
-side by side. The price is that ``redis-cli LRANGE`` shows bytes instead of text.
+Messages are stored as ``agentmesh.memory.v1.SessionMessage`` in protobuf binary (the contract
+type itself: tool-call arguments round-trip exactly, and fields added later survive older
+readers) carrying the message, its append time and its token count. Id and sequence are not
+stored: the sequence is the position (``meta.first`` + list index) and the id is
+``<incarnation>-<sequence>``. A parallel list holds each message's token count, so a budget is
+computed inside Redis without decoding a single message.
 
-- Append is one ``MULTI``/``RPUSH``/``EXPIRE``/``EXEC`` transaction after every message has been
-  validated and serialized, so a batch is written completely or not at all and concurrent
-  batches never interleave. The list length after the push is the session's version.
-- Reads walk the list from its end in pages of ``page_size`` messages (never the whole list), and
-  stop at the first message that does not fit the budget. The first page is read together with
-  ``LLEN`` in one transaction; later pages use absolute indices below that length, which appends
-  (always at the tail) cannot shift, so one read sees the session as it was at ``version``.
-- Writes are never retried automatically: a lost reply would otherwise append the batch twice.
-  Reads retry once on a broken connection (a pooled connection left over from before a Redis
-  restart fails once, then reconnects).
+Consistency. Every operation is ONE Lua script (:mod:`~agentmesh.services.memory.lua`), so it is
+atomic: an append is written completely or not at all, concurrent appends never interleave, and a
+read sees one version of the session. Writes are never retried automatically (a lost reply would
+otherwise append twice; idempotency keys make a client's own retry safe); reads retry once on a
+broken connection (a pooled connection left over from before a Redis restart fails once).
 
 Every method raises :class:`~agentmesh.services.runtime.errors.ServiceError` only:
-INVALID_ARGUMENT for bad input, UNAVAILABLE when Redis cannot be reached or fails, DATA_LOSS
-when a stored element is not a valid message.
+INVALID_ARGUMENT for bad input, FAILED_PRECONDITION for a state the request cannot apply to,
+UNAVAILABLE when Redis cannot be reached or fails, DATA_LOSS when a stored element is corrupt.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
+import secrets
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -41,39 +45,111 @@ import redis.exceptions as redis_errors
 from google.protobuf.message import DecodeError
 
 from agentmesh.common.v1 import common_pb2
-from agentmesh.services.runtime.tokens import TokenCounter
-from agentmesh.services.runtime.context import TENANT_PATTERN
+from agentmesh.memory.v1 import memory_pb2
+from agentmesh.services.memory import lua
+from agentmesh.services.memory.watch import SessionEvents
+from agentmesh.services.runtime.context import TENANT_PATTERN, remaining_s
 from agentmesh.services.runtime.errors import ServiceError, invalid_argument, unavailable
+from agentmesh.services.runtime.tokens import TokenCounter
 
 SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+USER_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:@+-]{1,128}$")
+IDEMPOTENCY_KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,128}$")
+#: The user of calls that name none.
+DEFAULT_USER = "default"
 #: Roles a stored message may have (ROLE_UNSPECIFIED and unknown numbers are refused).
 KNOWN_ROLES = frozenset(v for v in common_pb2.Role.values() if v != common_pb2.ROLE_UNSPECIFIED)
+#: Appends whose text is shorter than this are tokenized on the event loop (a thread hop costs
+#: more than tokenizing a few kB); longer ones in a worker thread.
+_INLINE_TOKENIZE_CHARS = 16 * 1024
+#: Most messages ListMessages returns at once.
+MAX_LIST_LIMIT = 1000
+DEFAULT_LIST_LIMIT = 100
 
 T = TypeVar("T")
+
+_SUFFIXES = ("meta", "messages", "tokens", "pinned", "idem", "idem_at", "lock")
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Input limits of :meth:`SessionStore.append`."""
+    """Input limits of the store."""
 
     #: Most messages in one append (the contract allows 1..256).
     max_messages_per_append: int = 256
     #: Largest serialized message, in bytes (common.proto: content at most 1 MiB).
     max_message_bytes_each: int = 1024 * 1024
+    #: Most tokens the pinned messages of a session may take.
+    max_pinned_tokens: int = 4000
+    #: Most pinned messages of a session.
+    max_pinned_messages: int = 16
 
 
-@dataclass
-class ContextWindow:
-    """What :meth:`SessionStore.get_context` returns."""
+@dataclass(frozen=True)
+class Retention:
+    """Service-wide retention defaults; a session's own setting (SetRetention) overrides them."""
 
-    #: The newest messages that fit, oldest first.
-    messages: list[common_pb2.Message] = field(default_factory=list)
-    #: Tokens of ``messages`` as counted by the store's TokenCounter.
-    tokens_used: int = 0
-    #: Messages in the session when it was read.
-    version: int = 0
-    #: Older messages left out: ``version - len(messages)``.
-    messages_omitted: int = 0
+    #: Seconds after the last write at which a session expires; 0 = never.
+    ttl_s: int = 0
+    #: Messages a session keeps; 0 = all.
+    keep_last_messages: int = 0
+    #: How long an idempotency key is remembered, in seconds.
+    idempotency_window_s: int = 86_400
+
+
+@dataclass(frozen=True)
+class SessionRef:
+    """A validated (tenant, user, session) and the Redis names derived from it."""
+
+    tenant: str
+    user: str
+    session: str
+    prefix: str = "agentmesh"
+
+    @classmethod
+    def of(cls, tenant: str, user: str, session: str, prefix: str = "agentmesh") -> SessionRef:
+        """Validate the parts (INVALID_ARGUMENT naming the bad one); an empty user is ``default``."""
+        validate_tenant(tenant)
+        user = resolve_user(user)
+        validate_session_id(session)
+        return cls(tenant, user, session, prefix)
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}:{self.tenant}:{self.user}:{{{self.session}}}"
+
+    @property
+    def keys(self) -> list[str]:
+        """The session's keys in the order :mod:`~agentmesh.services.memory.lua` expects."""
+        base = self.base
+        return [f"{base}:{suffix}" for suffix in _SUFFIXES]
+
+    @property
+    def channel(self) -> str:
+        return f"{self.base}:events"
+
+    @property
+    def lock_key(self) -> str:
+        return f"{self.base}:lock"
+
+
+def validate_tenant(tenant: str) -> None:
+    if not TENANT_PATTERN.match(tenant):
+        raise invalid_argument(f"tenant {tenant[:80]!r} is invalid: use 1..64 characters of [A-Za-z0-9_-]")
+
+
+def resolve_user(user_id: str) -> str:
+    """``user_id``, or ``default`` when empty. INVALID_ARGUMENT unless it is 1..128 characters of
+    ``[A-Za-z0-9._:@+-]``."""
+    if not user_id:
+        return DEFAULT_USER
+    if not USER_ID_PATTERN.match(user_id):
+        shown = user_id[:64] + ("..." if len(user_id) > 64 else "")
+        raise invalid_argument(
+            f"user_id {shown!r} is invalid: use 1..128 characters of letters, digits, '.', '_', ':', '@', '+' or '-' "
+            "(or leave it empty for the default user)"
+        )
+    return user_id
 
 
 def validate_session_id(session_id: str) -> None:
@@ -85,7 +161,9 @@ def validate_session_id(session_id: str) -> None:
         )
 
 
-def validate_messages(messages: Sequence[common_pb2.Message], limits: Limits) -> list[bytes]:
+def validate_messages(
+    messages: Sequence[common_pb2.Message], limits: Limits, *, field: str = "messages"
+) -> list[bytes]:
     """Check every message and return their serialized forms, in order.
 
     Rules (INVALID_ARGUMENT naming ``messages[i]`` on the first violation): 1..limit messages; a
@@ -93,7 +171,7 @@ def validate_messages(messages: Sequence[common_pb2.Message], limits: Limits) ->
     answers a ``tool_call_id``; each message at most ``max_message_bytes_each`` bytes serialized.
     """
     if not messages:
-        raise invalid_argument("messages is empty: append at least one message")
+        raise invalid_argument(f"{field} is empty: append at least one message")
     if len(messages) > limits.max_messages_per_append:
         raise invalid_argument(
             f"{len(messages)} messages in one append; the limit is {limits.max_messages_per_append}: "
@@ -104,23 +182,23 @@ def validate_messages(messages: Sequence[common_pb2.Message], limits: Limits) ->
         if message.role not in KNOWN_ROLES:
             name = common_pb2.Role.Name(message.role) if message.role in common_pb2.Role.values() else message.role
             raise invalid_argument(
-                f"messages[{i}].role is {name}: set ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL"
+                f"{field}[{i}].role is {name}: set ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL"
             )
         if message.tool_calls and message.role != common_pb2.ROLE_ASSISTANT:
-            raise invalid_argument(f"messages[{i}] has tool_calls but only ROLE_ASSISTANT messages may request tools")
+            raise invalid_argument(f"{field}[{i}] has tool_calls but only ROLE_ASSISTANT messages may request tools")
         for j, call in enumerate(message.tool_calls):
             if not call.id or not call.name:
-                raise invalid_argument(f"messages[{i}].tool_calls[{j}] needs both an id and a name")
+                raise invalid_argument(f"{field}[{i}].tool_calls[{j}] needs both an id and a name")
         if message.role == common_pb2.ROLE_TOOL and not message.tool_call_id:
             raise invalid_argument(
-                f"messages[{i}] is a ROLE_TOOL message without tool_call_id: set the id of the call it answers"
+                f"{field}[{i}] is a ROLE_TOOL message without tool_call_id: set the id of the call it answers"
             )
         size = message.ByteSize()
         if size > limits.max_message_bytes_each:
             raise invalid_argument(
-                f"messages[{i}] is {size} bytes serialized; the limit is {limits.max_message_bytes_each} bytes"
+                f"{field}[{i}] is {size} bytes serialized; the limit is {limits.max_message_bytes_each} bytes"
             )
-        blobs.append(message.SerializeToString())
+        blobs.append(message.SerializeToString(deterministic=True))
     return blobs
 
 
@@ -133,11 +211,104 @@ def redis_location(url: str) -> str:
     return f"{parts.hostname or '127.0.0.1'}:{parts.port or 6379}/{db}"
 
 
-class SessionStore:
-    """Session history of every tenant in one Redis database (see the module docstring).
+def message_id(incarnation: str, sequence: int) -> str:
+    """The id of message ``sequence`` of a session incarnation (see SessionMessage.id)."""
+    return f"{incarnation}-{sequence}"
 
-    ``page_size`` is how many messages one read fetches (LRANGE) while walking back from the
-    newest; ``session_ttl_s`` > 0 makes a session expire that many seconds after its last append.
+
+def render_summary(summary: memory_pb2.SessionSummary) -> common_pb2.Message:
+    """The running summary as the system message GetContext returns."""
+    span = (
+        f"message {summary.from_sequence}"
+        if summary.from_sequence == summary.through_sequence
+        else f"messages {summary.from_sequence}-{summary.through_sequence}"
+    )
+    return common_pb2.Message(
+        role=common_pb2.ROLE_SYSTEM,
+        content=f"Summary of the earlier conversation ({span}):\n{summary.text}",
+    )
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _int(value: bytes | int | None) -> int:
+    return int(value) if value is not None else 0
+
+
+@dataclass
+class AppendResult:
+    version: int
+    first_sequence: int
+    incarnation: str
+    count: int
+    replayed: bool = False
+    #: Tokens of stored messages no summary covers yet (drives compaction; 0 for a replay).
+    unsummarized_tokens: int = 0
+
+    @property
+    def message_ids(self) -> list[str]:
+        return [message_id(self.incarnation, self.first_sequence + i) for i in range(self.count)]
+
+
+@dataclass
+class ContextWindow:
+    """What :meth:`SessionStore.get_context` returns."""
+
+    #: Pinned messages, the summary message (when included), then the recent messages.
+    messages: list[common_pb2.Message] = field(default_factory=list)
+    tokens_used: int = 0
+    version: int = 0
+    messages_omitted: int = 0
+    pinned_messages: int = 0
+    summary_included: bool = False
+    summary_through_sequence: int = 0
+    first_sequence: int = 0
+    message_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MessageRange:
+    """What :meth:`SessionStore.list_messages` returns."""
+
+    messages: list[memory_pb2.SessionMessage]
+    version: int
+    first_sequence: int
+    incarnation: str
+
+
+@dataclass
+class SessionState:
+    """What :meth:`SessionStore.describe` returns (``exists`` False: everything else is zero)."""
+
+    exists: bool
+    incarnation: str = ""
+    version: int = 0
+    first_sequence: int = 0
+    summary: memory_pb2.SessionSummary | None = None
+    #: Cumulative tokens through the summary's last sequence (0 without a summary).
+    summary_cumulative_tokens: int = 0
+    #: Cumulative tokens of the messages retention deleted.
+    trimmed_tokens: int = 0
+    pinned: list[common_pb2.Message] = field(default_factory=list)
+    ttl_s: int = 0
+    keep_last_messages: int = 0
+    expires_in_ms: int = 0
+    created_at_ms: int = 0
+    updated_at_ms: int = 0
+
+    @property
+    def messages_stored(self) -> int:
+        return self.version - self.first_sequence + 1 if self.version else 0
+
+
+class SessionStore:
+    """Sessions of every tenant and user in one Redis database (see the module docstring).
+
+    ``page_size``: token counts read per LRANGE while GetContext walks back from the newest
+    message. ``events``: the notification hub used to wait for a version (read-your-writes) and
+    by WatchSession; ``read_wait_s``: longest such wait, in seconds.
     """
 
     def __init__(
@@ -146,91 +317,335 @@ class SessionStore:
         counter: TokenCounter,
         *,
         location: str,
+        events: SessionEvents | None = None,
         limits: Limits | None = None,
+        retention: Retention | None = None,
         key_prefix: str = "agentmesh",
-        session_ttl_s: int = 0,
         page_size: int = 64,
+        read_wait_s: float = 2.0,
     ):
         if page_size < 1:
             raise ValueError("page_size must be at least 1")
         self.redis = redis
         self.counter = counter
         self.location = location
+        self.events = events
         self.limits = limits or Limits()
+        self.retention = retention or Retention()
         self.key_prefix = key_prefix
-        self.session_ttl_s = session_ttl_s
         self.page_size = page_size
+        self.read_wait_s = read_wait_s
+        self._append = redis.register_script(lua.APPEND)
+        self._get_context = redis.register_script(lua.GET_CONTEXT)
+        self._list = redis.register_script(lua.LIST)
+        self._set_pinned = redis.register_script(lua.SET_PINNED)
+        self._set_retention = redis.register_script(lua.SET_RETENTION)
+        self._delete = redis.register_script(lua.DELETE)
+        self._write_summary = redis.register_script(lua.WRITE_SUMMARY)
 
-    def key(self, tenant: str, session_id: str) -> str:
-        """Redis key of a session's message list (validates both parts)."""
-        if not TENANT_PATTERN.match(tenant):
-            raise invalid_argument(f"tenant {tenant[:80]!r} is invalid: use 1..64 characters of [A-Za-z0-9_-]")
-        validate_session_id(session_id)
-        return f"{self.key_prefix}:{tenant}:session:{session_id}:messages"
+    def ref(self, tenant: str, user: str, session: str) -> SessionRef:
+        """The validated scope of a session (INVALID_ARGUMENT for a bad part)."""
+        return SessionRef.of(tenant, user, session, self.key_prefix)
 
-    async def append(self, tenant: str, session_id: str, messages: Sequence[common_pb2.Message]) -> int:
-        """Append ``messages`` (oldest first) atomically; return the new version (list length).
+    def key(self, tenant: str, session_id: str, user: str = "") -> str:
+        """Redis key of a session's message list (validates every part)."""
+        return self.ref(tenant, user, session_id).keys[1]
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    async def count_tokens(self, messages: Sequence[common_pb2.Message]) -> list[int]:
+        """Tokens of each message with the store's counter (in a thread for long texts)."""
+        if sum(len(m.content) for m in messages) < _INLINE_TOKENIZE_CHARS:
+            return self.counter.count_messages(messages)
+        return await asyncio.to_thread(self.counter.count_messages, messages)
+
+    async def append(
+        self, ref: SessionRef, messages: Sequence[common_pb2.Message], idempotency_key: str = ""
+    ) -> AppendResult:
+        """Append ``messages`` (oldest first) atomically.
 
         Everything is validated and serialized before Redis is touched, so invalid input writes
-        nothing. Refreshes the session TTL when one is configured.
+        nothing. With an ``idempotency_key`` that the session has seen within the idempotency
+        window, nothing is written and the first call's result comes back with ``replayed``;
+        the same key with other messages raises FAILED_PRECONDITION. Applies the session's
+        retention (keep-last trimming, TTL refresh) and notifies watchers, in the same script.
         """
-        key = self.key(tenant, session_id)
-        blobs = validate_messages(messages, self.limits)
+        if idempotency_key and not IDEMPOTENCY_KEY_PATTERN.match(idempotency_key):
+            raise invalid_argument("idempotency_key must be 1..128 printable ASCII characters without spaces")
+        validate_messages(messages, self.limits)
+        tokens = await self.count_tokens(messages)
+        now = _now_ms()
+        blobs = [
+            memory_pb2.SessionMessage(message=m, created_at_ms=now, tokens=t).SerializeToString()
+            for m, t in zip(messages, tokens, strict=True)
+        ]
+        request_hash = ""
+        if idempotency_key:
+            digest = hashlib.sha256()
+            for m in messages:
+                raw = m.SerializeToString(deterministic=True)
+                digest.update(len(raw).to_bytes(8, "big") + raw)
+            request_hash = digest.hexdigest()[:32]
+        argv = [
+            now,
+            secrets.token_hex(8),
+            self.retention.ttl_s,
+            self.retention.keep_last_messages,
+            idempotency_key,
+            request_hash,
+            self.retention.idempotency_window_s * 1000,
+            ref.channel,
+            len(blobs),
+            *blobs,
+            *tokens,
+        ]
+        reply = await self._call(lambda: self._append(keys=ref.keys, args=argv), retry=False)
+        if reply[0] == b"replay":
+            stored_hash, first, version, inc = reply[1].decode().split("|")
+            if stored_hash != request_hash:
+                raise ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"idempotency_key {idempotency_key!r} was already used in session {ref.session!r} for "
+                    "different messages; use a new key for a new append",
+                )
+            first_i, version_i = int(first), int(version)
+            return AppendResult(version_i, first_i, inc, version_i - first_i + 1, replayed=True)
+        _, first, version, inc, unsummarized = reply
+        return AppendResult(int(version), int(first), inc.decode(), len(blobs), unsummarized_tokens=int(unsummarized))
 
-        async def push() -> int:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.rpush(key, *blobs)
-                if self.session_ttl_s > 0:
-                    pipe.expire(key, self.session_ttl_s)
-                results = await pipe.execute()
-            return int(results[0])
+    async def set_pinned(self, ref: SessionRef, messages: Sequence[common_pb2.Message]) -> int:
+        """Replace the session's pinned messages (ROLE_SYSTEM only; none unpins). Returns their
+        tokens. INVALID_ARGUMENT beyond ``max_pinned_messages`` / ``max_pinned_tokens``."""
+        if len(messages) > self.limits.max_pinned_messages:
+            raise invalid_argument(
+                f"{len(messages)} pinned messages; at most {self.limits.max_pinned_messages} per session"
+            )
+        blobs: list[bytes] = []
+        for i, m in enumerate(messages):
+            if m.role != common_pb2.ROLE_SYSTEM or m.tool_calls or m.tool_call_id:
+                raise invalid_argument(f"messages[{i}] must be a plain ROLE_SYSTEM message to be pinned")
+            if not m.content.strip():
+                raise invalid_argument(f"messages[{i}].content is empty")
+        if messages:
+            blobs = validate_messages(messages, self.limits)
+        tokens = sum(await self.count_tokens(messages)) if messages else 0
+        if tokens > self.limits.max_pinned_tokens:
+            raise invalid_argument(
+                f"pinned messages take {tokens} tokens; the limit is {self.limits.max_pinned_tokens}"
+            )
+        argv = [_now_ms(), secrets.token_hex(8), self.retention.ttl_s, tokens, len(blobs), *blobs]
+        await self._call(lambda: self._set_pinned(keys=ref.keys, args=argv), retry=False)
+        return tokens
 
-        return await self._call(push, retry=False)
+    async def set_retention(self, ref: SessionRef, ttl_s: int | None, keep_last: int | None) -> tuple[int, int, int]:
+        """Set the session's own TTL and/or keep-last (None leaves one unchanged) and apply them
+        now. Returns (ttl_s, keep_last_messages, messages_deleted)."""
+        for name, value in (("ttl_s", ttl_s), ("keep_last_messages", keep_last)):
+            if value is not None and not 0 <= value <= 2**31 - 1:
+                raise invalid_argument(f"{name} {value} is out of range")
+        argv = [
+            _now_ms(),
+            secrets.token_hex(8),
+            self.retention.ttl_s,
+            self.retention.keep_last_messages,
+            "" if ttl_s is None else ttl_s,
+            "" if keep_last is None else keep_last,
+        ]
+        ttl, keep, dropped = await self._call(lambda: self._set_retention(keys=ref.keys, args=argv), retry=False)
+        return int(ttl), int(keep), int(dropped)
 
-    async def get_context(self, tenant: str, session_id: str, token_budget: int) -> ContextWindow:
-        """The newest messages whose tokens sum to at most ``token_budget``, oldest first.
+    async def delete(self, ref: SessionRef) -> tuple[bool, int, str]:
+        """Delete every key of the session and tell its watchers. Returns (existed,
+        messages_deleted, incarnation it had)."""
+        n, stored, inc = await self._call(lambda: self._delete(keys=ref.keys, args=[ref.channel]), retry=False)
+        return int(n) > 0, int(stored), inc.decode() if isinstance(inc, bytes) else str(inc)
 
-        Walks back from the newest message and stops at the first one that does not fit, so the
-        window is always a contiguous tail of the session (no gaps). A session that does not
-        exist is empty (version 0). If the newest message alone exceeds the budget, no message
-        is returned and all are counted in ``messages_omitted``.
+    async def forget_user(self, tenant: str, user: str) -> tuple[list[SessionRef], int]:
+        """Delete every session of (tenant, user): SCAN for ``{prefix}:{tenant}:{user}:{*`` and
+        delete each session found, until a pass finds nothing (at most 5 passes, so appends
+        racing with the deletion are caught too). Returns (sessions deleted, keys deleted)."""
+        validate_tenant(tenant)
+        user = resolve_user(user)
+        pattern = _glob_escape(f"{self.key_prefix}:{tenant}:{user}:") + "{*"
+        sessions: dict[str, SessionRef] = {}
+        keys_deleted = 0
+        for _ in range(5):
+            found: set[str] = set()
+
+            async def scan(found: set[str] = found) -> None:
+                async for key in self.redis.scan_iter(match=pattern, count=1000):
+                    text = key.decode()
+                    start = text.index("{", len(self.key_prefix) + len(tenant) + len(user) + 3)
+                    found.add(text[start + 1 : text.index("}", start)])
+
+            await self._call(scan, retry=True)
+            if not found:
+                break
+            for session in found:
+                ref = SessionRef(tenant, user, session, self.key_prefix)
+                n, _, _ = await self._call(lambda ref=ref: self._delete(keys=ref.keys, args=[ref.channel]), retry=False)
+                keys_deleted += int(n)
+                sessions[session] = ref
+        return list(sessions.values()), keys_deleted
+
+    async def write_summary(
+        self, ref: SessionRef, incarnation: str, expected_through: int, summary: memory_pb2.SessionSummary,
+        cumulative_tokens: int,
+    ) -> int:
+        """Compare-and-set the running summary: written only when the session still has
+        ``incarnation`` and its summary still ends at ``expected_through``. Returns 1 written,
+        0 session deleted or replaced, -1 another compaction got there first."""
+        tokens = (await self.count_tokens([render_summary(summary)]))[0]
+        summary.tokens = tokens
+        argv = [incarnation, expected_through, summary.SerializeToString(), tokens, summary.through_sequence,
+                cumulative_tokens]
+        return int(await self._call(lambda: self._write_summary(keys=ref.keys[:1], args=argv), retry=False))
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    async def get_context(self, ref: SessionRef, token_budget: int, min_version: int = 0) -> ContextWindow:
+        """Pinned messages, the running summary and the newest messages, within ``token_budget``.
+
+        Order of priority: the pinned messages always (FAILED_PRECONDITION when they alone exceed
+        the budget), then the summary if it fits, then the newest messages not covered by an
+        included summary, walking back from the newest and stopping at the first that does not
+        fit, so the recent part is always a contiguous tail. A session that does not exist is
+        empty (version 0). Waits for ``min_version`` (see :meth:`wait_for_version`).
         """
-        key = self.key(tenant, session_id)
         if token_budget < 0:
             raise invalid_argument("token_budget must not be negative")
+        argv = [token_budget, self.page_size]
 
-        async def first_page() -> tuple[int, list[bytes]]:
+        async def read() -> list:
+            return await self._call(lambda: self._get_context(keys=ref.keys[:4], args=argv), retry=True)
+
+        reply = await read()
+        if min_version and self._version_of(reply) < min_version:
+            reply = await self._wait_then(ref, min_version, read, self._version_of)
+        if reply[0] == 0:
+            return ContextWindow()
+        if reply[0] == -1:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"token_budget {token_budget} is smaller than the pinned messages of session {ref.session!r} "
+                f"({int(reply[3])} tokens); raise the budget or pin less",
+            )
+        _, inc, version, _first, ptok, used_summary, _sthrough, used, summary_blob, n_pinned, *rest = reply
+        inc = inc.decode()
+        version, n_pinned = int(version), int(n_pinned)
+        window = ContextWindow(version=version, pinned_messages=n_pinned)
+        for i, blob in enumerate(rest[:n_pinned]):
+            window.messages.append(self._decode(common_pb2.Message, blob, ref, f"pinned message {i}"))
+        tokens = int(ptok) + int(used)
+        if int(used_summary):
+            summary = self._decode(memory_pb2.SessionSummary, summary_blob, ref, "summary")
+            window.messages.append(render_summary(summary))
+            window.summary_included = True
+            window.summary_through_sequence = summary.through_sequence
+            tokens += summary.tokens
+        recent = rest[n_pinned:]
+        start = version - len(recent) + 1
+        for i, blob in enumerate(recent):
+            window.messages.append(self._decode(memory_pb2.SessionMessage, blob, ref, f"message {start + i}").message)
+        if recent:
+            window.first_sequence = start
+            window.message_ids = [message_id(inc, start + i) for i in range(len(recent))]
+        window.tokens_used = tokens
+        covered = window.summary_through_sequence if window.summary_included else 0
+        window.messages_omitted = max(0, version - len(recent) - covered)
+        return window
+
+    async def list_messages(
+        self, ref: SessionRef, from_sequence: int = 0, to_sequence: int = 0, limit: int = DEFAULT_LIST_LIMIT,
+        min_version: int = 0,
+    ) -> MessageRange:
+        """Stored messages ``from_sequence..to_sequence`` (inclusive; 0 = oldest stored / newest),
+        at most ``limit``, with their ids and sequences. Waits for ``min_version``."""
+        if to_sequence and from_sequence > to_sequence:
+            raise invalid_argument(f"from_sequence {from_sequence} is after to_sequence {to_sequence}")
+        if not 1 <= limit <= MAX_LIST_LIMIT:
+            raise invalid_argument(f"limit {limit} must be 1..{MAX_LIST_LIMIT}")
+        argv = [from_sequence, to_sequence, limit]
+
+        async def read() -> list:
+            return await self._call(lambda: self._list(keys=ref.keys[:3], args=argv), retry=True)
+
+        reply = await read()
+        if min_version and self._version_of(reply) < min_version:
+            reply = await self._wait_then(ref, min_version, read, self._version_of)
+        if reply[0] == 0:
+            return MessageRange([], 0, 0, "")
+        _, inc, version, first, start, *blobs = reply
+        inc, start = inc.decode(), int(start)
+        out = []
+        for i, blob in enumerate(blobs):
+            seq = start + i
+            item = self._decode(memory_pb2.SessionMessage, blob, ref, f"message {seq}")
+            item.sequence = seq
+            item.id = message_id(inc, seq)
+            out.append(item)
+        version, first = int(version), int(first)
+        return MessageRange(out, version, first if version else 0, inc)
+
+    async def describe(self, ref: SessionRef) -> SessionState:
+        """Meta data, summary, pinned messages and retention of a session."""
+
+        async def read() -> list:
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.llen(key)
-                pipe.lrange(key, -self.page_size, -1)
-                length, page = await pipe.execute()
-            return int(length), page
+                pipe.hgetall(ref.keys[0])
+                pipe.pttl(ref.keys[0])
+                pipe.lrange(ref.keys[3], 0, -1)
+                return await pipe.execute()
 
-        version, page = await self._call(first_page, retry=True)
-        start = version - len(page)  # absolute index of page[0]
-        kept: list[common_pb2.Message] = []
-        used = 0
-        while page:
-            decoded = [self._decode(blob, session_id, start + i) for i, blob in enumerate(page)]
-            counts = await asyncio.to_thread(self.counter.count_messages, decoded)
-            full = False
-            for message, tokens in zip(reversed(decoded), reversed(counts), strict=True):
-                if used + tokens > token_budget:
-                    full = True
-                    break
-                kept.append(message)
-                used += tokens
-            if full or start == 0:
-                break
-            lo = max(0, start - self.page_size)
-            page = await self._call(lambda lo=lo, hi=start - 1: self.redis.lrange(key, lo, hi), retry=True)
-            # Shorter than asked: the session expired or was deleted while we read it; what was
-            # read so far is still a consistent tail of the version we reported.
-            if len(page) != start - lo:
-                break
-            start = lo
-        kept.reverse()
-        return ContextWindow(messages=kept, tokens_used=used, version=version, messages_omitted=version - len(kept))
+        meta, pttl, pinned = await self._call(read, retry=True)
+        if not meta:
+            return SessionState(exists=False)
+        get = meta.get
+        state = SessionState(
+            exists=True,
+            incarnation=get(b"inc", b"").decode(),
+            version=_int(get(b"version")),
+            first_sequence=_int(get(b"first")),
+            summary_cumulative_tokens=_int(get(b"sumcum")),
+            trimmed_tokens=_int(get(b"ttrim")),
+            pinned=[self._decode(common_pb2.Message, b, ref, f"pinned message {i}") for i, b in enumerate(pinned)],
+            ttl_s=_int(get(b"ttl")) if b"ttl" in meta else self.retention.ttl_s,
+            keep_last_messages=_int(get(b"keep")) if b"keep" in meta else self.retention.keep_last_messages,
+            expires_in_ms=max(0, int(pttl)),
+            created_at_ms=_int(get(b"created")),
+            updated_at_ms=_int(get(b"updated")),
+        )
+        if b"summary" in meta:
+            state.summary = self._decode(memory_pb2.SessionSummary, meta[b"summary"], ref, "summary")
+        return state
+
+    async def head(self, ref: SessionRef) -> tuple[str, int]:
+        """(incarnation, version) of the session; ("", 0) when it does not exist."""
+        inc, version = await self._call(lambda: self.redis.hmget(ref.keys[0], ["inc", "version"]), retry=True)
+        return (inc.decode(), _int(version)) if inc else ("", 0)
+
+    async def incarnation(self, ref: SessionRef) -> str:
+        """The session's incarnation, or "" when it does not exist."""
+        value = await self._call(lambda: self.redis.hget(ref.keys[0], "inc"), retry=True)
+        return value.decode() if value else ""
+
+    async def wait_for_version(self, ref: SessionRef, min_version: int) -> int:
+        """Wait until the session reaches ``min_version`` (read-your-writes); return its version.
+
+        Waits at most ``read_wait_s`` (less when the call's deadline is nearer) on the session's
+        notifications, then raises FAILED_PRECONDITION: with one Redis primary every acknowledged
+        append is visible at once, so a version that does not appear was never acknowledged
+        here, or was lost with the data (a failover to a replica that had not received it, or a
+        deletion of the session)."""
+
+        async def read() -> int:
+            value = await self._call(lambda: self.redis.hget(ref.keys[0], "version"), retry=True)
+            return _int(value)
+
+        version = await read()
+        if version >= min_version:
+            return version
+        return await self._wait_then(ref, min_version, read, lambda v: v)
 
     async def ping(self) -> None:
         """One PING; UNAVAILABLE when Redis does not answer. A refused or broken connection also
@@ -241,6 +656,39 @@ class SessionStore:
             if isinstance(err.__cause__, redis_errors.ConnectionError):
                 await self.redis.connection_pool.disconnect()
             raise
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _version_of(reply: list) -> int:
+        return int(reply[2]) if reply[0] != 0 else 0
+
+    async def _wait_then(self, ref: SessionRef, min_version: int, read: Callable[[], Awaitable[T]],
+                         version_of: Callable[[T], int]) -> T:
+        left = remaining_s()
+        budget = self.read_wait_s if left is None else max(0.0, min(self.read_wait_s, left - 0.05))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+        if self.events is not None and budget > 0:
+            async with self.events.subscribe(ref.channel, confirm_s=min(budget, 0.5)) as waiter:
+                while True:
+                    reply = await read()
+                    if version_of(reply) >= min_version:
+                        return reply
+                    left_s = deadline - loop.time()
+                    if left_s <= 0:
+                        break
+                    await waiter.wait(min(left_s, 0.25))
+        else:
+            reply = await read()
+            if version_of(reply) >= min_version:
+                return reply
+        raise ServiceError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"session {ref.session!r} is at version {version_of(reply)}, below min_version {min_version}, after "
+            f"waiting {budget:.2g} s; that version was not acknowledged by this store or its data was lost "
+            "(session deleted, or Redis failed over to a replica that had not received it)",
+        )
 
     async def _call(self, fn: Callable[[], Awaitable[T]], *, retry: bool) -> T:
         """Run one Redis interaction; translate Redis failures into UNAVAILABLE."""
@@ -266,14 +714,20 @@ class SessionStore:
                 ) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _decode(self, blob: bytes, session_id: str, index: int) -> common_pb2.Message:
-        message = common_pb2.Message()
+    @staticmethod
+    def _decode(kind: type[T], blob: bytes, ref: SessionRef, what: str) -> T:
+        out = kind()
         try:
-            message.ParseFromString(blob)
+            out.ParseFromString(blob)
         except DecodeError as exc:
             raise ServiceError(
                 grpc.StatusCode.DATA_LOSS,
-                f"session {session_id!r}: stored element {index} is not a valid agentmesh.common.v1.Message "
-                f"({exc}); the session's data in Redis is corrupt",
+                f"session {ref.session!r}: stored {what} is not a valid {kind.DESCRIPTOR.full_name} ({exc}); "
+                "the session's data in Redis is corrupt",
             ) from exc
-        return message
+        return out
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` with Redis glob metacharacters escaped (for SCAN MATCH)."""
+    return re.sub(r"([*?\[\]\\^])", r"\\\1", text)

@@ -45,7 +45,9 @@ def own_redis(tmp_path) -> Iterator[RedisServer]:
 
 
 async def test_health_follows_redis_down_and_back(own_redis: RedisServer):
-    settings = MemorySettings(redis_url=own_redis.url, readiness_interval_s=0.2, redis_timeout_s=0.5)
+    settings = MemorySettings(
+        redis_url=own_redis.url, readiness_interval_s=0.2, redis_timeout_s=0.5, facts_enabled=False
+    )
     session = f"s-{uuid.uuid4().hex[:8]}"
     request = memory_pb2.AppendMessagesRequest(
         session_id=session, messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content="before")]
@@ -88,7 +90,9 @@ async def test_health_follows_redis_down_and_back(own_redis: RedisServer):
 
 async def test_starts_not_serving_when_redis_is_absent_and_turns_serving_when_it_appears(tmp_path):
     port = free_port()
-    settings = MemorySettings(redis_url=f"redis://127.0.0.1:{port}/0", readiness_interval_s=0.2, redis_timeout_s=0.5)
+    settings = MemorySettings(
+        redis_url=f"redis://127.0.0.1:{port}/0", readiness_interval_s=0.2, redis_timeout_s=0.5, facts_enabled=False
+    )
     async with running_service(MemoryService(settings), wait_serving=False) as address:
         async with grpc.aio.insecure_channel(address) as channel:
             health = health_pb2_grpc.HealthStub(channel)

@@ -31,8 +31,8 @@ def msg(role: int, content: str, **kw) -> common_pb2.Message:
     return common_pb2.Message(role=role, content=content, **kw)
 
 
-def key(tenant: str, session: str) -> str:
-    return f"agentmesh:{tenant}:session:{session}:messages"
+def key(tenant: str, session: str, user: str = "default") -> str:
+    return f"agentmesh:{tenant}:{user}:{{{session}}}:messages"
 
 
 async def append(stub, session, messages, tenant="t1") -> int:
@@ -151,9 +151,15 @@ async def test_large_session_is_read_from_the_end_in_pages(memory, raw_redis: ai
 
     assert [m.content for m in reply.messages] == [f"message {i}" for i in range(994, 1000)]
     assert (reply.version, reply.messages_omitted) == (1000, 994)
-    lranges = [c.split()[2:] for c in seen if c.startswith("LRANGE")]
-    # Two pages of PAGE messages, from the end; never the whole list.
-    assert lranges == [[f"-{PAGE}", "-1"], [f"{1000 - 2 * PAGE}", f"{1000 - PAGE - 1}"]]
+    # MONITOR shows the commands the read script runs: token counts walked back from the end in
+    # pages of PAGE, then exactly the six messages that fit; never the whole list.
+    lranges = [c.replace('"', "").split()[1:] for c in seen if c.startswith("LRANGE")]
+    base = key("t1", session).removesuffix(":messages")
+    assert lranges == [
+        [f"{base}:tokens", f"{1000 - PAGE}", "999"],
+        [f"{base}:tokens", f"{1000 - 2 * PAGE}", f"{1000 - PAGE - 1}"],
+        [f"{base}:messages", "994", "999"],
+    ]
 
 
 async def test_tenants_are_isolated(memory, raw_redis: aioredis.Redis):
@@ -200,7 +206,9 @@ async def test_a_bad_message_writes_nothing(memory, raw_redis: aioredis.Redis, b
         await append(memory, session, batch)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert expected in err.value.details()
-    assert await raw_redis.lrange(key("t1", session), 0, -1) == [msg(U, "existing").SerializeToString()]
+    stored = await raw_redis.lrange(key("t1", session), 0, -1)
+    assert [memory_pb2.SessionMessage.FromString(b).message for b in stored] == [msg(U, "existing")]
+    assert await raw_redis.hget(key("t1", session).replace(":messages", ":meta"), "version") == b"1"
 
     # A brand-new session stays absent: not even an empty key is created.
     fresh = new_session()
@@ -260,7 +268,7 @@ async def test_concurrent_appenders_lose_nothing_and_never_interleave(memory, ra
 
     stored = await raw_redis.lrange(key("t1", session), 0, -1)
     assert len(stored) == total
-    contents = [common_pb2.Message.FromString(b).content for b in stored]
+    contents = [memory_pb2.SessionMessage.FromString(b).message.content for b in stored]
     for version, tag in results:  # each batch sits whole, in order, right below its version
         assert contents[version - batch : version] == [f"{tag}#{k}" for k in range(batch)]
 
@@ -268,8 +276,9 @@ async def test_concurrent_appenders_lose_nothing_and_never_interleave(memory, ra
 async def test_corrupt_stored_data_is_reported_as_data_loss(memory, raw_redis: aioredis.Redis):
     session = new_session()
     await append(memory, session, [msg(U, "fine")])
-    await raw_redis.rpush(key("t1", session), b"\xff\xff\xff not a protobuf")
+    await append(memory, session, [msg(U, "also fine")])
+    await raw_redis.lset(key("t1", session), 1, b"\xff\xff\xff not a protobuf")
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await context(memory, session)
     assert err.value.code() == grpc.StatusCode.DATA_LOSS
-    assert "stored element 1" in err.value.details()
+    assert "stored message 2 is not a valid agentmesh.memory.v1.SessionMessage" in err.value.details()

@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 from google.protobuf import struct_pb2
 
 from agentmesh.common.v1 import common_pb2
-from agentmesh.services.memory.store import SessionStore, redis_location
+from agentmesh.services.memory.store import Retention, SessionStore, redis_location
 from agentmesh.services.runtime.tokens import (
     MESSAGE_OVERHEAD_TOKENS,
     NAME_OVERHEAD_TOKENS,
@@ -22,31 +22,38 @@ def user(text: str) -> common_pb2.Message:
     return common_pb2.Message(role=common_pb2.ROLE_USER, content=text)
 
 
-async def test_ttl_is_set_and_refreshed_on_append(raw_redis: aioredis.Redis):
-    store = SessionStore(raw_redis, default_token_counter(), location="test", session_ttl_s=300)
+async def test_ttl_is_set_on_every_key_and_refreshed_on_append(raw_redis: aioredis.Redis):
+    store = SessionStore(raw_redis, default_token_counter(), location="test", retention=Retention(ttl_s=300))
     session = f"ttl-{uuid.uuid4().hex[:8]}"
-    key = store.key("acme", session)
-    assert key == f"agentmesh:acme:session:{session}:messages"
+    ref = store.ref("acme", "ann", session)
+    assert store.key("acme", session, "ann") == f"agentmesh:acme:ann:{{{session}}}:messages"
 
-    await store.append("acme", session, [user("one")])
-    assert 295 <= await raw_redis.ttl(key) <= 300
-    await raw_redis.expire(key, 5)
-    await store.append("acme", session, [user("two")])
-    assert 295 <= await raw_redis.ttl(key) <= 300  # refreshed by the append
+    await store.append(ref, [user("one")], idempotency_key="k1")
+    await store.set_pinned(ref, [common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content="Be brief.")])
+    existing = [k for k in ref.keys if await raw_redis.exists(k)]
+    assert len(existing) == 6  # meta, messages, tokens, pinned, idem, idem_at (no lock)
+    for k in existing:
+        assert 295 <= await raw_redis.ttl(k) <= 300, k
+    await raw_redis.expire(ref.keys[1], 5)
+    await store.append(ref, [user("two")])
+    assert 295 <= await raw_redis.ttl(ref.keys[1]) <= 300  # refreshed by the append
 
 
 async def test_no_ttl_when_disabled(raw_redis: aioredis.Redis):
-    store = SessionStore(raw_redis, default_token_counter(), location="test", session_ttl_s=0)
-    session = f"keep-{uuid.uuid4().hex[:8]}"
-    await store.append("acme", session, [user("kept")])
-    assert await raw_redis.ttl(store.key("acme", session)) == -1  # exists, no expiry
-
-
-async def test_store_refuses_a_bad_tenant(raw_redis: aioredis.Redis):
     store = SessionStore(raw_redis, default_token_counter(), location="test")
-    with pytest.raises(ServiceError) as err:
-        await store.append("a:b", "s", [user("x")])
-    assert "tenant" in err.value.message
+    ref = store.ref("acme", "", f"keep-{uuid.uuid4().hex[:8]}")
+    await store.append(ref, [user("kept")])
+    assert await raw_redis.ttl(ref.keys[1]) == -1  # exists, no expiry
+    assert ref.user == "default"
+
+
+async def test_store_refuses_bad_scope_parts(raw_redis: aioredis.Redis):
+    store = SessionStore(raw_redis, default_token_counter(), location="test")
+    for tenant, user_id, session, word in (("a:b", "", "s", "tenant"), ("t", "a{b}", "s", "user_id"),
+                                           ("t", "a/b", "s", "user_id"), ("t", "u", "s}", "session_id")):
+        with pytest.raises(ServiceError) as err:
+            store.ref(tenant, user_id, session)
+        assert word in err.value.message
 
 
 def test_redis_location_hides_credentials():
