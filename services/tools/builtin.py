@@ -1,4 +1,6 @@
-"""The built-in tools: ``calculator`` and ``search_documents``.
+"""The built-in tools that need no sandbox or network of their own: ``calculator``,
+``search_documents`` and ``recall_memory`` (``python`` is in ``sandbox.py``, ``http_fetch`` in
+``http_fetch.py``).
 
 ``calculator`` evaluates arithmetic with an ``ast`` walker (never ``eval``): only number literals,
 ``+ - * / // % **``, unary ``+``/``-``, parentheses, and whitelisted ``math`` functions and
@@ -10,6 +12,10 @@ Every refusal or arithmetic failure is a :class:`~agentmesh.services.tools.regis
 
 ``search_documents`` calls ``RetrievalService.Search`` with the caller's tenant and a deadline
 derived from the caller's (``outgoing_metadata()``, ``downstream_timeout``).
+
+``recall_memory`` reads the session of the run (``ExecuteToolRequest.session_id``) from the
+memory service the same way, and returns the earlier messages that share the most words with
+the query.
 """
 
 from __future__ import annotations
@@ -17,16 +23,19 @@ from __future__ import annotations
 import ast
 import math
 import operator
+import re
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 
+from agentmesh.common.v1 import common_pb2
+from agentmesh.memory.v1 import memory_pb2
 from agentmesh.retrieval.v1 import retrieval_pb2
 from agentmesh.services.runtime.clients import Downstream
 from agentmesh.services.runtime.context import downstream_timeout, outgoing_metadata
 from agentmesh.services.runtime.errors import from_downstream
-from agentmesh.services.tools.registry import ProgressCallback, Tool, ToolError, ToolOutput
+from agentmesh.services.tools.registry import ProgressCallback, Tool, ToolError, ToolOutput, current_call
 
 # -- calculator ---------------------------------------------------------------------------------
 
@@ -256,6 +265,16 @@ class Calculator(Tool):
         "required": ["expression"],
         "additionalProperties": False,
     }
+    output_schema = {
+        "type": "object",
+        "properties": {
+            "expression": {"type": "string"},
+            "result": {"type": ["number", "null"]},
+            "text": {"type": "string"},
+        },
+        "required": ["expression", "result", "text"],
+        "additionalProperties": False,
+    }
 
     async def run(self, arguments: dict[str, Any], progress: ProgressCallback) -> ToolOutput:
         expression = arguments["expression"]
@@ -305,6 +324,28 @@ class SearchDocuments(Tool):
         "required": ["query"],
         "additionalProperties": False,
     }
+    output_schema = {
+        "type": "object",
+        "properties": {
+            "query": {"type": "string"},
+            "chunks": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "chunk_id": {"type": "string"},
+                        "document_id": {"type": "string"},
+                        "title": {"type": "string"},
+                        "source": {"type": "string"},
+                        "score": {"type": "number"},
+                        "text": {"type": "string"},
+                    },
+                    "required": ["chunk_id", "document_id", "title", "source", "score", "text"],
+                },
+            },
+        },
+        "required": ["query", "chunks"],
+    }
 
     def __init__(self, downstream: Downstream, *, timeout_s: float = 10.0, collection: str = ""):
         self._downstream = downstream
@@ -343,6 +384,132 @@ class SearchDocuments(Tool):
         return ToolOutput(output=output, chunks=chunks)
 
 
-def builtin_tools(downstream: Downstream, *, search_timeout_s: float = 10.0, search_collection: str = "") -> list[Tool]:
+# -- recall_memory ------------------------------------------------------------------------------
+
+_WORD = re.compile(r"\w+")
+#: Words that say nothing about what a message is about (English function words).
+_STOPWORDS = frozenset(
+    "a an and are as at be but by did do does for from had has have he her his how i in is it its me my "
+    "no not of on or our she so that the their them then there these they this to was we were what when "
+    "where which who why will with you your".split()
+)
+_ROLES = {
+    common_pb2.ROLE_SYSTEM: "system",
+    common_pb2.ROLE_USER: "user",
+    common_pb2.ROLE_ASSISTANT: "assistant",
+    common_pb2.ROLE_TOOL: "tool",
+}
+
+
+def _terms(text: str) -> set[str]:
+    return {w for w in _WORD.findall(text.lower()) if w not in _STOPWORDS}
+
+
+class RecallMemory(Tool):
+    """Recall earlier messages of the run's session that match a query.
+
+    Source today: the session history, through ``MemoryService.GetContext`` (the most recent
+    messages that fit ``token_budget``; 0 = the memory service's default), with the caller's
+    tenant and a deadline derived from the caller's. Messages are scored by the share of the
+    query's words (lower-cased, English stop words left out) they contain; those with a score
+    above 0 are returned best first, ties most recent first. Output: ``{"query", "session_id",
+    "source": "session_history", "messages": [{"role", "content", "score"}, ...]}``.
+
+    Errors: no session on the call, or a session the memory service refuses (bad id), is an
+    error result; an unreachable memory service is UNAVAILABLE (``from_downstream``).
+    """
+
+    name = "recall_memory"
+    description = (
+        "Recall what was said earlier in this conversation: returns earlier messages of the current "
+        "session that match the query, best match first. Use it when the user refers to something "
+        "said before that is no longer in view."
+    )
+    parameters_schema = {
+        "type": "object",
+        "properties": {
+            "query": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 1000,
+                "description": "What to look for, e.g. 'the user's shipping address'.",
+            },
+            "top_k": {"type": "integer", "minimum": 1, "maximum": 20, "default": 5, "description": "Most messages to return."},
+        },
+        "required": ["query"],
+        "additionalProperties": False,
+    }
+    output_schema = {
+        "type": "object",
+        "properties": {
+            "query": {"type": "string"},
+            "session_id": {"type": "string"},
+            "source": {"const": "session_history"},
+            "messages": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "role": {"enum": ["system", "user", "assistant", "tool"]},
+                        "content": {"type": "string"},
+                        "score": {"type": "number", "minimum": 0, "maximum": 1},
+                    },
+                    "required": ["role", "content", "score"],
+                },
+            },
+        },
+        "required": ["query", "session_id", "source", "messages"],
+    }
+
+    def __init__(self, downstream: Downstream, *, timeout_s: float = 10.0, token_budget: int = 0):
+        self._downstream = downstream
+        self._timeout_s = timeout_s
+        self._token_budget = token_budget
+
+    async def run(self, arguments: dict[str, Any], progress: ProgressCallback) -> ToolOutput:
+        query = arguments["query"]
+        top_k = int(arguments.get("top_k", 5))
+        session_id = current_call().session_id
+        if not session_id:
+            raise ToolError("there is no conversation to recall: this call belongs to no session")
+        request = memory_pb2.GetContextRequest(session_id=session_id, token_budget=self._token_budget)
+        try:
+            reply = await self._downstream.memory.GetContext(
+                request, metadata=outgoing_metadata(), timeout=downstream_timeout(self._timeout_s, reserve_s=0.05)
+            )
+        except grpc.aio.AioRpcError as err:
+            if err.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+                raise ToolError(f"the memory service refused the session: {err.details()}") from err
+            raise from_downstream("memory", err) from err
+        wanted = _terms(query)
+        scored = []
+        for position, message in enumerate(reply.messages):
+            if not message.content or message.role not in _ROLES:
+                continue
+            score = len(wanted & _terms(message.content)) / len(wanted) if wanted else 0.0
+            if score > 0:
+                scored.append((score, position, message))
+        scored.sort(key=lambda item: (-item[0], -item[1]))
+        found = [
+            {"role": _ROLES[m.role], "content": m.content, "score": round(score, 4)} for score, _, m in scored[:top_k]
+        ]
+        await progress(f"recalled {len(found)} of {len(reply.messages)} messages", 1.0)
+        return ToolOutput(
+            output={"query": query, "session_id": session_id, "source": "session_history", "messages": found}
+        )
+
+
+def builtin_tools(
+    downstream: Downstream,
+    *,
+    search_timeout_s: float = 10.0,
+    search_collection: str = "",
+    memory_timeout_s: float = 10.0,
+    recall_token_budget: int = 0,
+) -> list[Tool]:
     """The tools every tool service offers."""
-    return [Calculator(), SearchDocuments(downstream, timeout_s=search_timeout_s, collection=search_collection)]
+    return [
+        Calculator(),
+        SearchDocuments(downstream, timeout_s=search_timeout_s, collection=search_collection),
+        RecallMemory(downstream, timeout_s=memory_timeout_s, token_budget=recall_token_budget),
+    ]

@@ -60,7 +60,7 @@ async def retrieval_address(tmp_path_factory) -> AsyncIterator[str]:
 
 @pytest.fixture(scope="module")
 async def tools(retrieval_address: str) -> AsyncIterator[tools_pb2_grpc.ToolServiceStub]:
-    service = ToolsService(ToolsSettings(), mesh=MeshSettings(retrieval_address=retrieval_address))
+    service = ToolsService(ToolsSettings(python_enabled=False), mesh=MeshSettings(retrieval_address=retrieval_address))
     async with running_service(service) as address, grpc.aio.insecure_channel(address) as channel:
         yield tools_pb2_grpc.ToolServiceStub(channel)
 

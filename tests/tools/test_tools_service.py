@@ -13,8 +13,10 @@ from google.protobuf import json_format, struct_pb2
 from agentmesh.services.cli.processes import free_port
 from agentmesh.services.runtime.clients import Downstream
 from agentmesh.services.runtime.settings import MeshSettings
-from agentmesh.services.tools.builtin import Calculator, SearchDocuments
-from agentmesh.services.tools.registry import Tool, ToolOutput, ToolRegistry
+from agentmesh.services.tools.builtin import Calculator, RecallMemory, SearchDocuments
+from agentmesh.services.tools.http_fetch import HttpFetch
+from agentmesh.services.tools.registry import Tool, ToolError, ToolLimits, ToolOutput, ToolRegistry
+from agentmesh.services.tools.sandbox import PythonTool
 from agentmesh.services.tools.service import ToolsService, ToolsSettings
 from agentmesh.tools.v1 import tools_pb2, tools_pb2_grpc
 from tests.support import running_service
@@ -92,6 +94,42 @@ class NotJson(Tool):
         return ToolOutput(output={"when": object()})
 
 
+class Typed(Tool):
+    """Declares an output schema; returns whatever it is asked to (to break it on purpose)."""
+
+    name = "typed"
+    description = "Echoes `value` as its output."
+    parameters_schema = {"type": "object", "properties": {"value": {}}, "required": ["value"]}
+    output_schema = {
+        "type": "object",
+        "properties": {"total": {"type": "number"}},
+        "required": ["total"],
+        "additionalProperties": False,
+    }
+
+    async def run(self, arguments, progress):
+        return ToolOutput(output=arguments["value"])
+
+
+class Failing(Tool):
+    """Fails with an output, like a program that exits non-zero with a traceback."""
+
+    name = "failing"
+    description = "Fails."
+    parameters_schema = {"type": "object"}
+    output_schema = {"type": "object", "required": ["never"]}  # not applied to error results
+
+    async def run(self, arguments, progress):
+        raise ToolError("the program exited with status 1", {"stderr": "Traceback ..."})
+
+
+class Solo(Sleeper):
+    """A sleeper that allows one call at a time."""
+
+    name = "solo"
+    max_concurrent_calls = 1
+
+
 def struct(**kw: Any) -> struct_pb2.Struct:
     s = struct_pb2.Struct()
     s.update(kw)
@@ -114,8 +152,11 @@ def sleeper() -> Sleeper:
 async def tools_stub(sleeper):
     # The retrieval address points at a port nobody listens on: search_documents must fail cleanly.
     downstream = Downstream(MeshSettings(retrieval_address=f"127.0.0.1:{free_port()}"))
-    tools = [Calculator(), SearchDocuments(downstream, timeout_s=3), Steps(), sleeper, Orders(), NotJson()]
-    settings = ToolsSettings(max_runtime_s=0.5, max_concurrent_calls=2)
+    tools = [
+        Calculator(), SearchDocuments(downstream, timeout_s=3), Steps(), sleeper, Orders(), NotJson(), Typed(),
+        Failing(), Solo(),
+    ]
+    settings = ToolsSettings(max_runtime_s=0.5, max_concurrent_calls=2, tool_limits={"solo": {"max_runtime_s": 5}})
     try:
         async with running_service(ToolsService(settings, tools=tools)) as address:
             async with grpc.aio.insecure_channel(address) as channel:
@@ -125,15 +166,37 @@ async def tools_stub(sleeper):
 
 
 async def test_default_service_lists_the_builtin_tools_with_their_schemas():
-    async with running_service(ToolsService(ToolsSettings())) as address:
+    # A uid range of its own: a mesh running on this machine uses the default one.
+    service = ToolsService(ToolsSettings(python_uid_base=750_000))
+    async with running_service(service) as address:
         async with grpc.aio.insecure_channel(address) as channel:
             reply = await tools_pb2_grpc.ToolServiceStub(channel).ListTools(tools_pb2.ListToolsRequest(), timeout=5)
-    assert [t.name for t in reply.tools] == ["calculator", "search_documents"]
-    for definition, tool in zip(reply.tools, (Calculator, SearchDocuments), strict=True):
+    assert [t.name for t in reply.tools] == ["calculator", "search_documents", "recall_memory", "python"]
+    assert [d.name for d in reply.details] == [t.name for t in reply.tools]
+    for definition, details, tool in zip(
+        reply.tools, reply.details, (Calculator, SearchDocuments, RecallMemory, PythonTool), strict=True
+    ):
         schema = json_format.MessageToDict(definition.parameters_schema)
         assert schema == tool.parameters_schema  # Struct numbers are doubles: 1000.0 == 1000
         jsonschema.Draft202012Validator.check_schema(schema)
-        assert definition.description == tool.description
+        output_schema = json_format.MessageToDict(details.output_schema)
+        assert output_schema == tool.output_schema
+        jsonschema.Draft202012Validator.check_schema(output_schema)
+        assert details.origin == "builtin"
+    python = reply.details[3]
+    assert python.max_concurrent_calls == 4 and python.max_runtime_ms == 35_000  # wall limit + 5 s
+    assert reply.tools[3].description.startswith("Run a Python 3.")
+
+
+async def test_http_fetch_is_offered_only_with_an_allowlist():
+    settings = ToolsSettings(python_enabled=False, http_allowed_hosts="docs.python.org, *.example.com")
+    assert settings.http_allowed_hosts == ["docs.python.org", "*.example.com"]
+    async with running_service(ToolsService(settings)) as address:
+        async with grpc.aio.insecure_channel(address) as channel:
+            reply = await tools_pb2_grpc.ToolServiceStub(channel).ListTools(tools_pb2.ListToolsRequest(), timeout=5)
+    assert [t.name for t in reply.tools] == ["calculator", "search_documents", "recall_memory", "http_fetch"]
+    assert "docs.python.org, *.example.com" in reply.tools[-1].description
+    assert json_format.MessageToDict(reply.details[-1].output_schema) == HttpFetch.output_schema
 
 
 async def test_progress_events_then_exactly_one_result(tools_stub):
@@ -276,6 +339,49 @@ async def test_a_tool_returning_non_json_is_an_internal_error(tools_stub):
     assert "not_json" in err.value.details()
 
 
+async def test_output_is_checked_against_the_output_schema(tools_stub):
+    result = (await execute(tools_stub, "typed", value={"total": 3}))[-1].result
+    assert json_format.MessageToDict(result.output) == {"total": 3}
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await execute(tools_stub, "typed", value={"total": "three"})
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert err.value.details() == (
+        "tool 'typed' returned output that fails its output schema at $.total: 'three' is not of type 'number'"
+    )
+
+
+async def test_an_error_result_carries_the_tools_output(tools_stub):
+    result = (await execute(tools_stub, "failing"))[-1].result
+    assert result.is_error and result.error_message == "the program exited with status 1"
+    assert json_format.MessageToDict(result.output) == {"stderr": "Traceback ..."}
+
+
+async def test_a_tool_with_its_own_concurrency_limit_refuses_the_next_call(tools_stub):
+    first = tools_stub.ExecuteTool(tools_pb2.ExecuteToolRequest(name="solo", arguments=struct(seconds=30)), timeout=10)
+    assert (await first.read()).progress.message == "sleeping"
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await execute(tools_stub, "solo", seconds=0.01)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "1 calls of tool 'solo' are already running (its limit is 1)" in err.value.details()
+        # Other tools are not affected by solo's limit.
+        assert not (await execute(tools_stub, "calculator", expression="1+1"))[-1].result.is_error
+    finally:
+        first.cancel()
+    await asyncio.sleep(0.1)
+    assert json_format.MessageToDict((await execute(tools_stub, "solo", seconds=0.01))[-1].result.output) == "woke up"
+
+
+async def test_a_per_tool_runtime_limit_overrides_the_service_limit(tools_stub):
+    # The service limit is 0.5 s; solo's override (tool_limits) is 5 s.
+    result = (await execute(tools_stub, "solo", seconds=0.8))[-1].result
+    assert json_format.MessageToDict(result.output) == "woke up"
+    reply = await tools_stub.ListTools(tools_pb2.ListToolsRequest(), timeout=5)
+    details = {d.name: d for d in reply.details}
+    assert details["solo"].max_runtime_ms == 5000 and details["solo"].max_concurrent_calls == 1
+    assert details["calculator"].max_runtime_ms == 500 and details["calculator"].max_concurrent_calls == 0
+
+
 async def test_duration_is_measured(tools_stub):
     result = (await execute(tools_stub, "sleeper", seconds=0.2))[-1].result
     assert 190 <= result.duration_ms < 450
@@ -307,3 +413,21 @@ def test_registry_checks_schemas_and_names_at_registration():
         ToolRegistry([tool_with("twice", {"type": "object"}), tool_with("twice", {"type": "object"})])
     registry = ToolRegistry([tool_with("ok", {"type": "object"})])
     assert registry.names == ["ok"] and len(registry.definitions()) == 1
+    broken_output = tool_with("out", {"type": "object"})
+    broken_output.output_schema = {"type": "objekt"}
+    with pytest.raises(ValueError, match=r"tool 'out': invalid output_schema at \$\.type"):
+        ToolRegistry([broken_output])
+
+
+def test_registry_replaces_the_tools_of_one_origin_at_once():
+    builtin = tool_with("calc", {"type": "object"})
+    remote_a, remote_b, clash, bad = (tool_with(n, {"type": "object"}) for n in ("srv__a", "srv__b", "calc", "x y"))
+    for tool in (remote_a, remote_b, clash, bad):
+        tool.origin = "mcp:srv"
+    registry = ToolRegistry([builtin], limits={"srv__a": ToolLimits(max_concurrent_calls=3)})
+    problems = registry.replace("mcp:srv", [remote_a, remote_b, clash, bad])
+    assert registry.names == ["calc", "srv__a", "srv__b"]
+    assert problems == ["a tool named 'calc' is already registered", "tool name 'x y' must match ^[a-zA-Z0-9_-]{1,64}$"]
+    assert registry.limits("srv__a") == ToolLimits(max_concurrent_calls=3, max_runtime_s=None)
+    registry.replace("mcp:srv", [])
+    assert registry.names == ["calc"]
