@@ -1,32 +1,33 @@
-"""One agent turn: memory → retrieval → generation ⇄ tool calls → memory.
+"""The downstream calls of a run, each in its OpenTelemetry span.
 
-:class:`AgentTurn` drives the turn and yields ``agent.v1.RunResponse`` events as they happen:
+:class:`Calls` is what an agent invocation (see ``engine.py``) does to the other services:
 
-1. ``started``; the session history (``MemoryService.GetContext``) → ``memory_loaded``;
-2. the question's context chunks (``RetrievalService.Search``) → ``retrieval``;
-3. up to ``max_steps`` model calls (``LLMService.StreamGenerate``): each → ``step_started``, then
-   its ``text_delta`` events as the router streams them; when the model asks for tool calls they
-   run concurrently (``ToolService.ExecuteTool``, at most ``tool_parallelism`` at once) →
-   ``tool_call`` / ``tool_progress`` / ``tool_result``, and their results go back to the model;
-4. the whole turn (user message, tool calls and results, answer) is appended to memory in ONE
-   ``AppendMessages`` call, so a failed turn writes nothing → ``final``.
+- ``MemoryService.GetContext`` (span ``memory load``) and ``AppendMessages`` (``memory append``);
+- ``RetrievalService.Search`` (``retrieval <collection>``);
+- ``LLMService.StreamGenerate`` (``chat <model>``): streamed text goes out as it arrives, streamed
+  tool-call fragments are reassembled into complete calls;
+- ``ToolService.ExecuteTool`` (``execute_tool <name>``): progress goes out as it arrives.
 
-Every downstream call carries the request id and tenant and a deadline derived from the caller's.
-A downstream failure ends the stream with the status :func:`from_downstream` gives it.
+Every call carries the request id and tenant (``outgoing_metadata``) and a deadline derived from
+the caller's (``downstream_timeout``). A failed call raises the status :func:`from_downstream`
+gives it, except a tool's own failure, which becomes an error result the model reads.
+Cancelling the calling task cancels the call: the router stops the provider stream, the tool
+service stops the tool (for ``python``, it kills the sandbox's processes).
 
-Tracing (OpenTelemetry GenAI semantic conventions): inside the RPC's SERVER span the turn is one
-``invoke_agent`` span, parent of a ``chat`` span per model call, an ``execute_tool`` span per tool
-call, a ``retrieval`` span and ``memory load`` / ``memory append`` spans; the gRPC CLIENT span of
+Tracing (OpenTelemetry GenAI semantic conventions): inside the RPC's SERVER span a run is one
+``invoke_agent <agent>`` span (``agent_span``), parent of a ``chat`` span per model call, an
+``execute_tool`` span per tool call, a ``retrieval`` span and ``memory load`` / ``memory append``
+spans; a workflow's agents are ``invoke_agent`` spans of their own below the workflow's, a
+specialist's below the supervisor's ``execute_tool transfer_to_<name>``. The gRPC CLIENT span of
 each downstream call (and the downstream service's own spans) nest under them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-import uuid
-from collections.abc import AsyncIterator
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -39,7 +40,7 @@ from agentmesh.llm.v1 import llm_pb2
 from agentmesh.memory.v1 import memory_pb2
 from agentmesh.retrieval.v1 import retrieval_pb2
 from agentmesh.services.runtime.clients import Downstream
-from agentmesh.services.runtime.context import current_request_id, downstream_timeout, outgoing_metadata
+from agentmesh.services.runtime.context import downstream_timeout, outgoing_metadata
 from agentmesh.services.runtime.errors import from_downstream
 from agentmesh.tools.v1 import tools_pb2
 
@@ -49,18 +50,26 @@ _tracer = trace.get_tracer("agentmesh.orchestrator")
 
 
 @dataclass
-class TurnLimits:
-    """Resolved limits of one turn (request values with defaults applied)."""
+class CallLimits:
+    """Deadlines of downstream calls, in seconds (each also bounded by the caller's deadline)."""
 
-    max_steps: int
-    top_k: int
-    memory_token_budget: int
-    tool_parallelism: int
     llm_timeout_s: float
     tool_timeout_s: float
     call_timeout_s: float
     #: Seconds kept back from each downstream deadline so a failure reaches our caller in time.
     reserve_s: float = 0.05
+
+
+@dataclass
+class ModelResult:
+    """What one model call produced."""
+
+    text: str = ""
+    tool_calls: list[common_pb2.ToolCall] = field(default_factory=list)
+    usage: common_pb2.Usage = field(default_factory=common_pb2.Usage)
+    cost_usd: float = 0.0
+    #: Seconds spent waiting for the stream's next item (the model's time, router included).
+    wait_s: float = 0.0
 
 
 @dataclass
@@ -72,120 +81,50 @@ class _ToolCallAccumulator:
     arguments: list[str] = field(default_factory=list)
 
 
-class AgentTurn:
-    """Runs one ``AgentService.Run`` request; iterate :meth:`events` for the stream."""
+def agent_span(agent: str, session_id: str, run_id: str, **attributes):
+    """The ``invoke_agent <agent>`` span of a run or of one agent of a workflow."""
+    attrs = {
+        "gen_ai.operation.name": "invoke_agent",
+        "gen_ai.agent.name": agent,
+        "gen_ai.conversation.id": session_id,
+        "agentmesh.run_id": run_id,
+        **attributes,
+    }
+    return _tracer.start_as_current_span(f"invoke_agent {agent}", attributes=attrs)
 
-    def __init__(
-        self,
-        request: agent_pb2.RunRequest,
-        tools: list[common_pb2.ToolDefinition],
-        limits: TurnLimits,
-        downstream: Downstream,
-    ):
-        self.request = request
-        self.tools = tools
-        self.limits = limits
+
+def tool_span(call: common_pb2.ToolCall):
+    attributes = {
+        "gen_ai.operation.name": "execute_tool",
+        "gen_ai.tool.name": call.name,
+        "gen_ai.tool.call.id": call.id,
+        "gen_ai.tool.type": "function",
+    }
+    return _tracer.start_as_current_span(f"execute_tool {call.name}", attributes=attributes)
+
+
+class Calls:
+    """The downstream calls of runs (stateless: one instance serves every run)."""
+
+    def __init__(self, downstream: Downstream, limits: CallLimits):
         self.downstream = downstream
-        self.run_id = uuid.uuid4().hex
-        self._sequence = 0
-        self.usage = common_pb2.Usage()
-        self.context_chunks: list[common_pb2.Chunk] = []
-        self.output: list[str] = []
+        self.limits = limits
 
-    def _event(self, **kwargs) -> agent_pb2.RunResponse:
-        self._sequence += 1
-        return agent_pb2.RunResponse(sequence=self._sequence, **kwargs)
-
-    async def events(self) -> AsyncIterator[agent_pb2.RunResponse]:
-        """The turn's events, inside one ``invoke_agent`` span."""
-        attributes = {
-            "gen_ai.operation.name": "invoke_agent",
-            "gen_ai.agent.name": "agentmesh",
-            "gen_ai.conversation.id": self.request.session_id,
-            "agentmesh.run_id": self.run_id,
-        }
-        with _tracer.start_as_current_span("invoke_agent agentmesh", attributes=attributes) as span:
-            async for event in self._turn():
-                if event.WhichOneof("event") == "final":
-                    span.set_attributes(
-                        {
-                            "agentmesh.run.status": agent_pb2.RunStatus.Name(event.final.status),
-                            "agentmesh.run.steps": event.final.steps,
-                            "gen_ai.usage.input_tokens": event.final.usage.input_tokens,
-                            "gen_ai.usage.output_tokens": event.final.usage.output_tokens,
-                        }
-                    )
-                yield event
-
-    async def _turn(self) -> AsyncIterator[agent_pb2.RunResponse]:
-        req = self.request
-        yield self._event(
-            started=agent_pb2.RunStarted(
-                run_id=self.run_id, session_id=req.session_id, request_id=current_request_id()
-            )
-        )
-
-        history = await self._load_memory()
-        yield self._event(
-            memory_loaded=agent_pb2.MemoryLoaded(
-                messages=len(history.messages), tokens=history.tokens_used, messages_omitted=history.messages_omitted
-            )
-        )
-
-        if not req.disable_retrieval and self.limits.top_k > 0:
-            self.context_chunks = await self._retrieve()
-            yield self._event(retrieval=agent_pb2.RetrievalCompleted(chunks=self.context_chunks))
-
-        user = common_pb2.Message(role=common_pb2.ROLE_USER, content=req.input)
-        conversation = _drop_orphan_tool_messages(list(history.messages)) + [user]
-        new_messages = [user]  # what this turn appends to memory
-        status = agent_pb2.RUN_STATUS_MAX_STEPS
-        steps = 0
-        while steps < self.limits.max_steps:
-            steps += 1
-            tool_calls: list[common_pb2.ToolCall] = []
-            step_text: list[str] = []
-            async for event in self._generate(steps, conversation, step_text, tool_calls):
-                yield event
-            assistant = common_pb2.Message(
-                role=common_pb2.ROLE_ASSISTANT, content="".join(step_text), tool_calls=tool_calls
-            )
-            conversation.append(assistant)
-            new_messages.append(assistant)
-            if not tool_calls:
-                status = agent_pb2.RUN_STATUS_COMPLETED
-                break
-            results: list[common_pb2.Message] = []
-            async for event in self._run_tools(tool_calls, results):
-                yield event
-            conversation.extend(results)
-            new_messages.extend(results)
-
-        output = "".join(self.output)
-        version = await self._append_memory(new_messages)
-        yield self._event(
-            final=agent_pb2.RunCompleted(
-                status=status,
-                output=output,
-                usage=self.usage,
-                citations=_citations(output, self.context_chunks),
-                steps=steps,
-                session_version=version,
-            )
-        )
+    def _timeout(self, default_s: float) -> float:
+        return downstream_timeout(default_s, self.limits.reserve_s)
 
     # -- memory and retrieval ------------------------------------------------------------------
 
-    async def _load_memory(self) -> memory_pb2.GetContextResponse:
-        attributes = {"gen_ai.conversation.id": self.request.session_id}
+    async def load_memory(self, session_id: str, token_budget: int) -> memory_pb2.GetContextResponse:
+        """The session's most recent history within ``token_budget`` tokens (0 = the memory
+        service's default)."""
+        attributes = {"gen_ai.conversation.id": session_id}
         with _tracer.start_as_current_span("memory load", attributes=attributes) as span:
             try:
                 reply = await self.downstream.memory.GetContext(
-                    memory_pb2.GetContextRequest(
-                        session_id=self.request.session_id, token_budget=self.limits.memory_token_budget
-                    ),
+                    memory_pb2.GetContextRequest(session_id=session_id, token_budget=token_budget),
                     metadata=outgoing_metadata(),
-                    timeout=downstream_timeout(self.limits.call_timeout_s, self.limits.reserve_s),
+                    timeout=self._timeout(self.limits.call_timeout_s),
                 )
             except grpc.aio.AioRpcError as err:
                 raise from_downstream("memory", err) from err
@@ -194,35 +133,41 @@ class AgentTurn:
             )
             return reply
 
-    async def _retrieve(self) -> list[common_pb2.Chunk]:
-        collection = self.request.collection or "default"
+    async def retrieve(self, collection: str, query: str, top_k: int) -> list[common_pb2.Chunk]:
+        """The ``top_k`` chunks of ``collection`` ("" = the default one) closest to ``query``."""
+        name = collection or "default"
         attributes = {
             "gen_ai.operation.name": "retrieval",
-            "gen_ai.data_source.id": collection,
-            "gen_ai.request.top_k": self.limits.top_k,
+            "gen_ai.data_source.id": name,
+            "gen_ai.request.top_k": top_k,
         }
-        with _tracer.start_as_current_span(f"retrieval {collection}", attributes=attributes) as span:
+        with _tracer.start_as_current_span(f"retrieval {name}", attributes=attributes) as span:
             try:
                 reply = await self.downstream.retrieval.Search(
-                    retrieval_pb2.SearchRequest(
-                        collection=self.request.collection, query=self.request.input, top_k=self.limits.top_k
-                    ),
+                    retrieval_pb2.SearchRequest(collection=collection, query=query, top_k=top_k),
                     metadata=outgoing_metadata(),
-                    timeout=downstream_timeout(self.limits.call_timeout_s, self.limits.reserve_s),
+                    timeout=self._timeout(self.limits.call_timeout_s),
                 )
             except grpc.aio.AioRpcError as err:
                 raise from_downstream("retrieval", err) from err
             span.set_attribute("agentmesh.retrieval.chunks", len(reply.chunks))
             return list(reply.chunks)
 
-    async def _append_memory(self, messages: list[common_pb2.Message]) -> int:
-        attributes = {"gen_ai.conversation.id": self.request.session_id, "agentmesh.memory.messages": len(messages)}
+    async def append_memory(
+        self, session_id: str, messages: list[common_pb2.Message], idempotency_key: str
+    ) -> int:
+        """Append a finished turn in one call (all messages or none); returns the session version.
+        ``idempotency_key`` makes a repeat (a run taken over after its owner died between the
+        append and its checkpoint) append nothing."""
+        attributes = {"gen_ai.conversation.id": session_id, "agentmesh.memory.messages": len(messages)}
         with _tracer.start_as_current_span("memory append", attributes=attributes):
             try:
                 reply = await self.downstream.memory.AppendMessages(
-                    memory_pb2.AppendMessagesRequest(session_id=self.request.session_id, messages=messages),
+                    memory_pb2.AppendMessagesRequest(
+                        session_id=session_id, messages=messages, idempotency_key=idempotency_key
+                    ),
                     metadata=outgoing_metadata(),
-                    timeout=downstream_timeout(self.limits.call_timeout_s, self.limits.reserve_s),
+                    timeout=self._timeout(self.limits.call_timeout_s),
                 )
             except grpc.aio.AioRpcError as err:
                 raise from_downstream("memory", err) from err
@@ -230,74 +175,63 @@ class AgentTurn:
 
     # -- generation ----------------------------------------------------------------------------
 
-    async def _generate(
+    async def generate(
         self,
+        request: llm_pb2.StreamGenerateRequest,
         step: int,
-        conversation: list[common_pb2.Message],
-        step_text: list[str],
-        tool_calls: list[common_pb2.ToolCall],
-    ) -> AsyncIterator[agent_pb2.RunResponse]:
-        """One model call inside a ``chat`` span; see :meth:`_stream_generation`."""
+        on_metadata: Callable[[llm_pb2.ResponseMetadata], None],
+        on_text: Callable[[str], None],
+    ) -> ModelResult:
+        """One streamed model call inside a ``chat`` span. ``on_metadata`` gets the router's first
+        event, ``on_text`` each text fragment as it arrives."""
+        model = request.model or "default"
         attributes = {
             "gen_ai.operation.name": "chat",
-            "gen_ai.request.model": self.request.model or "default",
-            "gen_ai.request.max_tokens": self.request.max_tokens,
+            "gen_ai.request.model": model,
+            "gen_ai.request.max_tokens": request.options.max_tokens,
             "agentmesh.step": step,
         }
-        with _tracer.start_as_current_span(f"chat {self.request.model or 'default'}", attributes=attributes) as span:
-            async for event in self._stream_generation(step, conversation, step_text, tool_calls):
-                if event.WhichOneof("event") == "step_started":
-                    started = event.step_started
-                    span.set_attributes(
-                        {"gen_ai.provider.name": started.provider, "gen_ai.response.model": started.model}
-                    )
-                yield event
-            span.set_attribute("agentmesh.tool_calls", len(tool_calls))
+        with _tracer.start_as_current_span(f"chat {model}", attributes=attributes) as span:
+            result = await self._stream_generation(request, step, span, on_metadata, on_text)
+            span.set_attribute("agentmesh.tool_calls", len(result.tool_calls))
+            return result
 
-    async def _stream_generation(
-        self,
-        step: int,
-        conversation: list[common_pb2.Message],
-        step_text: list[str],
-        tool_calls: list[common_pb2.ToolCall],
-    ) -> AsyncIterator[agent_pb2.RunResponse]:
-        """Stream one model call; fills ``step_text`` and ``tool_calls`` as side results."""
-        request = llm_pb2.StreamGenerateRequest(
-            model=self.request.model,
-            messages=conversation,
-            tools=self.tools,
-            context=self.context_chunks,
-            options=llm_pb2.GenerationOptions(max_tokens=self.request.max_tokens),
-        )
-        call = self.downstream.llm.StreamGenerate(
-            request,
-            metadata=outgoing_metadata(),
-            timeout=downstream_timeout(self.limits.llm_timeout_s, self.limits.reserve_s),
-        )
+    async def _stream_generation(self, request, step, span, on_metadata, on_text) -> ModelResult:
+        result = ModelResult()
+        text: list[str] = []
         partial: dict[int, _ToolCallAccumulator] = {}
+        call = self.downstream.llm.StreamGenerate(
+            request, metadata=outgoing_metadata(), timeout=self._timeout(self.limits.llm_timeout_s)
+        )
+        stream = call.__aiter__()
+        clock = time.perf_counter
         try:
-            async for item in call:
+            while True:
+                waited = clock()
+                try:
+                    item = await stream.__anext__()
+                except StopAsyncIteration:
+                    result.wait_s += clock() - waited
+                    break
+                result.wait_s += clock() - waited
                 kind = item.WhichOneof("event")
-                if kind == "metadata":
-                    md = item.metadata
-                    yield self._event(
-                        step_started=agent_pb2.StepStarted(
-                            step=step, provider=md.provider, model=md.model, is_llm=md.is_llm, notice=md.notice
-                        )
-                    )
-                elif kind == "text_delta":
-                    step_text.append(item.text_delta.text)
-                    self.output.append(item.text_delta.text)
-                    yield self._event(text_delta=agent_pb2.TextDelta(text=item.text_delta.text))
+                if kind == "text_delta":
+                    text.append(item.text_delta.text)
+                    on_text(item.text_delta.text)
                 elif kind == "tool_call_delta":
                     delta = item.tool_call_delta
                     acc = partial.setdefault(delta.index, _ToolCallAccumulator())
                     acc.id = acc.id or delta.id
                     acc.name = acc.name or delta.name
                     acc.arguments.append(delta.arguments_delta)
+                elif kind == "metadata":
+                    md = item.metadata
+                    span.set_attributes({"gen_ai.provider.name": md.provider, "gen_ai.response.model": md.model})
+                    on_metadata(md)
                 elif kind == "finish":
-                    _add_usage(self.usage, item.finish.usage)
-                    trace.get_current_span().set_attributes(  # the `chat` span of _generate
+                    result.usage.CopyFrom(item.finish.usage)
+                    result.cost_usd = item.finish.cost_usd
+                    span.set_attributes(
                         {
                             "gen_ai.usage.input_tokens": item.finish.usage.input_tokens,
                             "gen_ai.usage.output_tokens": item.finish.usage.output_tokens,
@@ -308,89 +242,53 @@ class AgentTurn:
             raise from_downstream("llm", err) from err
         finally:
             call.cancel()  # no-op when finished; stops the provider stream when we are cancelled
-        for index in sorted(partial):
-            tool_calls.append(_complete_tool_call(partial[index], step, index))
+        result.text = "".join(text)
+        result.tool_calls = [complete_tool_call(partial[i], step, i) for i in sorted(partial)]
+        return result
 
     # -- tools ---------------------------------------------------------------------------------
 
-    async def _run_tools(
-        self, tool_calls: list[common_pb2.ToolCall], results: list[common_pb2.Message]
-    ) -> AsyncIterator[agent_pb2.RunResponse]:
-        """Run ``tool_calls`` concurrently; stream their progress and each result as it completes;
-        fill ``results`` (the tool messages for the model) in call order."""
-        for call in tool_calls:
-            yield self._event(tool_call=agent_pb2.ToolCallStarted(tool_call=call))
-        queue: asyncio.Queue[agent_pb2.RunResponse | None] = asyncio.Queue()
-        semaphore = asyncio.Semaphore(self.limits.tool_parallelism)
-        outcomes: dict[str, agent_pb2.ToolCallCompleted] = {}
-
-        async def run_one(call: common_pb2.ToolCall) -> None:
-            async with semaphore:
-                outcomes[call.id] = await self._execute_tool(call, queue)
-            await queue.put(self._event(tool_result=outcomes[call.id]))  # as soon as it is known
-
-        tasks = [asyncio.create_task(run_one(call)) for call in tool_calls]
-        waiter = asyncio.create_task(_finish_queue(tasks, queue))
-        try:
-            while (event := await queue.get()) is not None:
-                yield event
-            await waiter  # re-raises a failure of our own (not a tool's, those are results)
-        finally:
-            for task in (*tasks, waiter):
-                task.cancel()
-        for call in tool_calls:
-            outcome = outcomes[call.id]
-            results.append(
-                common_pb2.Message(
-                    role=common_pb2.ROLE_TOOL,
-                    tool_call_id=call.id,
-                    name=call.name,
-                    content=_tool_message_content(outcome),
-                )
-            )
-
-    async def _execute_tool(
-        self, call: common_pb2.ToolCall, queue: asyncio.Queue[agent_pb2.RunResponse | None]
-    ) -> agent_pb2.ToolCallCompleted:
-        """:meth:`_call_tool` inside an ``execute_tool`` span (ERROR status for an error result)."""
-        attributes = {
-            "gen_ai.operation.name": "execute_tool",
-            "gen_ai.tool.name": call.name,
-            "gen_ai.tool.call.id": call.id,
-            "gen_ai.tool.type": "function",
-        }
-        with _tracer.start_as_current_span(f"execute_tool {call.name}", attributes=attributes) as span:
-            outcome = await self._call_tool(call, queue)
+    async def execute_tool(
+        self,
+        call: common_pb2.ToolCall,
+        *,
+        idempotency_key: str,
+        session_id: str,
+        on_progress: Callable[[agent_pb2.ToolCallProgress], None],
+    ) -> tuple[agent_pb2.ToolCallCompleted, list[common_pb2.Chunk]]:
+        """One ExecuteTool stream inside an ``execute_tool`` span (ERROR status for an error
+        result): the result and the chunks the tool retrieved (``search_documents``). A failure
+        the model caused or can work around (bad arguments, the tool's own error or time-out)
+        becomes an error result; UNAVAILABLE and CANCELLED raise."""
+        with tool_span(call) as span:
+            outcome, chunks = await self._call_tool(call, idempotency_key, session_id, on_progress)
             if outcome.is_error:
                 span.set_status(trace.StatusCode.ERROR, outcome.error_message[:256])
-            return outcome
+            return outcome, chunks
 
-    async def _call_tool(
-        self, call: common_pb2.ToolCall, queue: asyncio.Queue[agent_pb2.RunResponse | None]
-    ) -> agent_pb2.ToolCallCompleted:
-        """One ExecuteTool stream. A failure the model caused or can work around (unknown tool,
-        bad arguments, the tool's own error or time-out) becomes an error result the model sees."""
+    async def _call_tool(self, call, idempotency_key, session_id, on_progress):
         outcome = agent_pb2.ToolCallCompleted(tool_call_id=call.id, name=call.name)
-        if call.name not in {tool.name for tool in self.tools}:
-            outcome.is_error = True
-            outcome.error_message = f"unknown tool {call.name!r}; available: {', '.join(t.name for t in self.tools)}"
-            return outcome
+        chunks: list[common_pb2.Chunk] = []
         stream = self.downstream.tools.ExecuteTool(
-            tools_pb2.ExecuteToolRequest(name=call.name, arguments=call.arguments, tool_call_id=call.id),
+            tools_pb2.ExecuteToolRequest(
+                name=call.name,
+                arguments=call.arguments,
+                tool_call_id=call.id,
+                idempotency_key=idempotency_key,
+                session_id=session_id,
+            ),
             metadata=outgoing_metadata(),
-            timeout=downstream_timeout(self.limits.tool_timeout_s, self.limits.reserve_s),
+            timeout=self._timeout(self.limits.tool_timeout_s),
         )
         try:
             async for item in stream:
                 if item.WhichOneof("event") == "progress":
                     p = item.progress
-                    await queue.put(
-                        self._event(
-                            tool_progress=agent_pb2.ToolCallProgress(
-                                tool_call_id=call.id,
-                                message=p.message,
-                                fraction=p.fraction if p.HasField("fraction") else None,
-                            )
+                    on_progress(
+                        agent_pb2.ToolCallProgress(
+                            tool_call_id=call.id,
+                            message=p.message,
+                            fraction=p.fraction if p.HasField("fraction") else None,
                         )
                     )
                 else:
@@ -399,31 +297,18 @@ class AgentTurn:
                     outcome.is_error = r.is_error
                     outcome.error_message = r.error_message
                     outcome.duration_ms = r.duration_ms
-                    self._add_context_chunks(r.chunks)
+                    chunks = list(r.chunks)
         except grpc.aio.AioRpcError as err:
             if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                 raise from_downstream("tools", err) from err
             outcome.is_error = True
             outcome.error_message = f"{err.code().name}: {err.details()}"
         finally:
-            stream.cancel()
-        return outcome
-
-    def _add_context_chunks(self, chunks) -> None:
-        """Chunks a tool retrieved join the context so the next model call can cite them."""
-        known = {c.chunk_id for c in self.context_chunks}
-        self.context_chunks.extend(c for c in chunks if c.chunk_id not in known)
+            stream.cancel()  # stops the tool when we are cancelled
+        return outcome, chunks
 
 
-async def _finish_queue(tasks: list[asyncio.Task], queue: asyncio.Queue) -> None:
-    """Close ``queue`` (put None) once every task is done; re-raise the first failure."""
-    try:
-        await asyncio.gather(*tasks)
-    finally:
-        await queue.put(None)
-
-
-def _complete_tool_call(acc: _ToolCallAccumulator, step: int, index: int) -> common_pb2.ToolCall:
+def complete_tool_call(acc: _ToolCallAccumulator, step: int, index: int) -> common_pb2.ToolCall:
     """Parse reassembled argument JSON. Unparseable arguments keep the raw text under
     ``_raw_arguments`` so the tool service rejects them with a message the model can read."""
     text = "".join(acc.arguments).strip() or "{}"
@@ -438,27 +323,32 @@ def _complete_tool_call(acc: _ToolCallAccumulator, step: int, index: int) -> com
     return common_pb2.ToolCall(id=acc.id or f"call_{step}_{index}", name=acc.name, arguments=arguments)
 
 
-def _tool_message_content(outcome: agent_pb2.ToolCallCompleted) -> str:
+def tool_message_content(outcome: agent_pb2.ToolCallCompleted) -> str:
+    """The tool message text the model reads: the output as JSON, or ``{"error": ...}``."""
     if outcome.is_error:
-        return json.dumps({"error": outcome.error_message})
+        payload = {"error": outcome.error_message}
+        if outcome.HasField("output"):
+            payload["output"] = json_format.MessageToDict(outcome.output)
+        return json.dumps(payload, ensure_ascii=False)
     return json.dumps(json_format.MessageToDict(outcome.output), ensure_ascii=False)
 
 
-def _drop_orphan_tool_messages(messages: list[common_pb2.Message]) -> list[common_pb2.Message]:
-    """The token budget may cut history between a tool call and its result; providers reject a
-    tool result whose call they never saw, so leading tool messages are dropped."""
-    while messages and messages[0].role == common_pb2.ROLE_TOOL:
-        messages.pop(0)
-    return messages
+def drop_orphan_tool_messages(messages: list[common_pb2.Message]) -> list[common_pb2.Message]:
+    """The token budget may cut history between a tool call and its result (also right after the
+    pinned messages and the summary); providers reject a tool result whose call they never saw,
+    so such tool messages are dropped."""
+    called: set[str] = set()
+    kept = []
+    for m in messages:
+        if m.role == common_pb2.ROLE_ASSISTANT:
+            called.update(c.id for c in m.tool_calls)
+        elif m.role == common_pb2.ROLE_TOOL and m.tool_call_id not in called:
+            continue
+        kept.append(m)
+    return kept
 
 
-def _add_usage(total: common_pb2.Usage, usage: common_pb2.Usage) -> None:
-    total.input_tokens += usage.input_tokens
-    total.output_tokens += usage.output_tokens
-    total.total_tokens += usage.total_tokens
-
-
-def _citations(output: str, chunks: list[common_pb2.Chunk]) -> list[common_pb2.Citation]:
+def citations(output: str, chunks: list[common_pb2.Chunk]) -> list[common_pb2.Citation]:
     """Citations for the ``[n]`` markers in ``output`` that point at a context chunk, by n."""
     cited = sorted({int(m) for m in _MARKER.findall(output) if 1 <= int(m) <= len(chunks)})
     return [common_pb2.Citation(index=n, chunk=chunks[n - 1]) for n in cited]

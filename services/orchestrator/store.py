@@ -1,0 +1,342 @@
+"""Durable runs in Redis: checkpoints, the event stream, leases, cancellation, retention.
+
+Keys of a run (one Redis Cluster hash slot per run: ``{tenant:run_id}`` is the hash tag)::
+
+    <prefix>:run:{t:id}:state    the checkpoint (state.RunState as JSON)        TTL run_ttl_s
+    <prefix>:run:{t:id}:events   the events (a stream, entry id 0-<sequence>,   TTL run_ttl_s,
+                                 field ``e`` = serialized RunResponse)          MAXLEN max_events
+    <prefix>:run:{t:id}:lease    the replica running it                         PX lease_ms
+    <prefix>:run:{t:id}:cancel   a cancellation request (CancelRun)             TTL run_ttl_s
+    <prefix>:tenant:<t>:runs     the tenant's runs by start time (sorted set)   keep-last-N
+
+Every write of a running run goes through one Lua script that first checks the lease is still
+held by the writer (fencing: a replica that lost its run, e.g. after a long pause, cannot
+overwrite the new owner's state), then appends the buffered events and the checkpoint together.
+
+Storage is bounded three ways: each run's keys expire ``run_ttl_s`` after its last write; its
+event stream keeps the last ``max_events`` events; a tenant keeps its last ``max_runs`` runs (the
+older finished ones are deleted when a new run starts; running and paused runs are never
+pruned, only expired).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+import grpc
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from agentmesh.agent.v1 import agent_pb2
+from agentmesh.services.orchestrator.state import RunState
+from agentmesh.services.runtime.errors import ServiceError
+
+log = logging.getLogger("agentmesh.orchestrator")
+
+_COMMIT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+for i = 7, #ARGV, 2 do
+  redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[4], '0-' .. ARGV[i], 'e', ARGV[i + 1])
+end
+if ARGV[5] ~= '' then redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[3]) end
+redis.call('EXPIRE', KEYS[3], ARGV[3])
+if ARGV[6] == '1' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+"""
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class LeaseLost(Exception):
+    """Another replica owns the run now; this one must stop without writing."""
+
+
+def store_unavailable(exc: Exception) -> ServiceError:
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, f"run store (Redis) unavailable: {exc}")
+
+
+class RunKeys:
+    def __init__(self, prefix: str, tenant: str, run_id: str):
+        tag = f"{{{tenant}:{run_id}}}"
+        self.state = f"{prefix}:run:{tag}:state"
+        self.events = f"{prefix}:run:{tag}:events"
+        self.lease = f"{prefix}:run:{tag}:lease"
+        self.cancel = f"{prefix}:run:{tag}:cancel"
+        self.index = f"{prefix}:tenant:{tenant}:runs"
+
+
+class RunStore:
+    """Redis access for runs. Methods raise :class:`ServiceError` (UNAVAILABLE) when Redis fails."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "agentmesh:orchestrator",
+        lease_ms: int = 10_000,
+        run_ttl_s: int = 7 * 86_400,
+        max_events: int = 10_000,
+        max_runs: int = 1_000,
+    ):
+        self.redis = aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10)
+        self.url = url
+        self.prefix = prefix
+        self.lease_ms = lease_ms
+        self.run_ttl_s = run_ttl_s
+        self.max_events = max_events
+        self.max_runs = max_runs
+        self._commit = self.redis.register_script(_COMMIT)
+        self._renew = self.redis.register_script(_RENEW)
+        self._release = self.redis.register_script(_RELEASE)
+
+    def keys(self, tenant: str, run_id: str) -> RunKeys:
+        return RunKeys(self.prefix, tenant, run_id)
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.redis.ping())
+        except (RedisError, OSError):
+            return False
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    # -- state and events ------------------------------------------------------------------
+
+    async def load(self, keys: RunKeys) -> RunState | None:
+        try:
+            raw = await self.redis.get(keys.state)
+        except (RedisError, OSError) as exc:
+            raise store_unavailable(exc) from exc
+        return None if raw is None else RunState.model_validate_json(raw)
+
+    async def commit(
+        self, keys: RunKeys, owner: str, events: list[tuple[int, bytes]], state: bytes | None, release: bool
+    ) -> None:
+        """Append ``events`` and write ``state`` (when given) if ``owner`` still holds the lease;
+        renew it, or drop it when ``release``. Raises :class:`LeaseLost` otherwise."""
+        args: list = [owner, self.lease_ms, self.run_ttl_s, self.max_events, state or b"", "1" if release else "0"]
+        for seq, data in events:
+            args.extend((seq, data))
+        try:
+            ok = await self._commit(keys=[keys.lease, keys.state, keys.events], args=args)
+        except (RedisError, OSError) as exc:
+            raise store_unavailable(exc) from exc
+        if not ok:
+            raise LeaseLost(keys.state)
+
+    async def event_bounds(self, keys: RunKeys) -> tuple[int, int]:
+        """(first, last) sequence still stored; (0, 0) when none is."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xrange(keys.events, count=1)
+                pipe.xrevrange(keys.events, count=1)
+                first, last = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise store_unavailable(exc) from exc
+        return (_seq(first[0][0]) if first else 0, _seq(last[0][0]) if last else 0)
+
+    async def read_events(self, keys: RunKeys, after: int, count: int = 512, block_ms: int | None = None):
+        """Events with sequence > ``after`` (at most ``count``), as (sequence, RunResponse);
+        with ``block_ms``, waits that long for the first one."""
+        try:
+            if block_ms is None:
+                entries = await self.redis.xrange(keys.events, min=f"0-{after + 1}", count=count)
+            else:
+                reply = await self.redis.xread({keys.events: f"0-{after}"}, count=count, block=block_ms)
+                entries = reply[0][1] if reply else []
+        except (RedisError, OSError) as exc:
+            raise store_unavailable(exc) from exc
+        return [(_seq(entry_id), agent_pb2.RunResponse.FromString(fields[b"e"])) for entry_id, fields in entries]
+
+    # -- leases and cancellation -----------------------------------------------------------
+
+    async def acquire(self, keys: RunKeys, owner: str) -> bool:
+        try:
+            return bool(await self.redis.set(keys.lease, owner, nx=True, px=self.lease_ms))
+        except (RedisError, OSError) as exc:
+            raise store_unavailable(exc) from exc
+
+    async def release(self, keys: RunKeys, owner: str) -> None:
+        try:
+            await self._release(keys=[keys.lease], args=[owner])
+        except (RedisError, OSError) as exc:
+            log.warning("could not release a run lease", extra={"fields": {"key": keys.lease, "error": str(exc)}})
+
+    async def lease_owner(self, keys: RunKeys) -> str:
+        try:
+            owner = await self.redis.get(keys.lease)
+        except (RedisError, OSError) as exc:
+            raise store_unavailable(exc) from exc
+        return owner.decode() if owner else ""
+
+    async def request_cancel(self, keys: RunKeys, reason: str) -> None:
+        try:
+            await self.redis.set(keys.cancel, reason or "cancelled", ex=self.run_ttl_s)
+        except (RedisError, OSError) as exc:
+            raise store_unavailable(exc) from exc
+
+    async def heartbeat(self, owner: str, runs: list[RunKeys]) -> list[tuple[bool, str | None]]:
+        """Renew the leases of ``runs`` and read their cancellation requests, in one round trip:
+        (still ours, cancel reason or None) per run."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.scripts.add(self._renew)  # loaded by execute() if Redis does not know it
+            for keys in runs:
+                pipe.evalsha(self._renew.sha, 1, keys.lease, owner, self.lease_ms)
+                pipe.get(keys.cancel)
+            replies = await pipe.execute()
+        out = []
+        for i in range(0, len(replies), 2):
+            cancel = replies[i + 1]
+            out.append((bool(replies[i]), cancel.decode() if cancel is not None else None))
+        return out
+
+    # -- retention -------------------------------------------------------------------------
+
+    async def register(self, tenant: str, run_id: str, created_ms: int) -> None:
+        """Index a new run under its tenant and prune the tenant's oldest finished runs beyond
+        ``max_runs``."""
+        keys = self.keys(tenant, run_id)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zadd(keys.index, {run_id: created_ms})
+                pipe.expire(keys.index, self.run_ttl_s)
+                pipe.zcard(keys.index)
+                _, _, count = await pipe.execute()
+            if count > self.max_runs:
+                await self._prune(tenant, keys.index, count - self.max_runs)
+        except (RedisError, OSError) as exc:
+            raise store_unavailable(exc) from exc
+
+    async def _prune(self, tenant: str, index: str, excess: int) -> None:
+        # Look a little further than the excess: some of the oldest may still run or be paused.
+        oldest = await self.redis.zrange(index, 0, min(excess + 32, 512) - 1)
+        removed = 0
+        for raw_id in oldest:
+            if removed >= excess:
+                break
+            run_id = raw_id.decode()
+            old = self.keys(tenant, run_id)
+            raw = await self.redis.get(old.state)
+            if raw is not None and RunState.model_validate_json(raw).phase != "finished":
+                continue
+            async with self.redis.pipeline(transaction=False) as pipe:  # two hash slots: no MULTI
+                pipe.delete(old.state, old.events, old.cancel)
+                pipe.zrem(index, run_id)
+                await pipe.execute()
+            removed += 1
+        if removed:
+            log.info("pruned old runs", extra={"fields": {"tenant": tenant, "runs": removed}})
+
+
+def _seq(entry_id: bytes) -> int:
+    return int(entry_id.split(b"-", 1)[1])
+
+
+class Journal:
+    """A run's event sequence and checkpoints, owned by one replica.
+
+    :meth:`emit` numbers an event, hands it to local subscribers at once and buffers it for
+    Redis; buffered events are written every ``flush_interval_s`` and with every
+    :meth:`checkpoint` (events and state in the same script call, so a checkpoint never covers an
+    event that is not stored).
+    """
+
+    def __init__(
+        self,
+        store: RunStore,
+        keys: RunKeys,
+        owner: str,
+        sequence: int,
+        flush_interval_s: float = 0.02,
+        on_event: Callable[[agent_pb2.RunResponse], None] | None = None,
+    ):
+        self.store = store
+        self.keys = keys
+        self.owner = owner
+        self.sequence = sequence
+        self.flush_interval_s = flush_interval_s
+        self.on_event = on_event
+        self._buffer: list[tuple[int, bytes]] = []
+        self._lock = asyncio.Lock()
+        self._timer: asyncio.TimerHandle | None = None
+        self._flusher: asyncio.Task | None = None
+        self._error: BaseException | None = None
+        #: A write whose caller was cancelled; it completes on its own, and the next write waits
+        #: for it (stream ids must be written in order).
+        self._inflight: asyncio.Future | None = None
+        #: True once a checkpoint that releases the lease started.
+        self.releasing = False
+
+    def emit(self, event: agent_pb2.RunResponse) -> agent_pb2.RunResponse:
+        self.sequence += 1
+        event.sequence = self.sequence
+        self._buffer.append((self.sequence, event.SerializeToString()))
+        if self.on_event is not None:
+            self.on_event(event)
+        if self._timer is None and self._flusher is None:
+            self._timer = asyncio.get_running_loop().call_later(self.flush_interval_s, self._start_flush)
+        return event
+
+    def _start_flush(self) -> None:
+        self._timer = None
+        self._flusher = asyncio.create_task(self._background_flush())
+
+    async def _background_flush(self) -> None:
+        try:
+            await self._write(None, release=False)
+        except BaseException as exc:  # noqa: BLE001 - reported by the next checkpoint
+            self._error = exc
+        finally:
+            self._flusher = None
+
+    async def checkpoint(self, state: RunState, release: bool = False) -> None:
+        """Write the buffered events and ``state`` (stamped with the last sequence)."""
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        state.sequence = self.sequence
+        state.updated_at_ms = int(time.time() * 1000)
+        if release:
+            self.releasing = True
+        await self._write(state.model_dump_json().encode(), release=release)
+
+    async def flush(self) -> None:
+        """Write the buffered events now (no checkpoint)."""
+        await self._write(None, release=False)
+
+    async def _write(self, state: bytes | None, release: bool) -> None:
+        async with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if self._inflight is not None:
+                inflight, self._inflight = self._inflight, None
+                with contextlib.suppress(Exception):  # its failure was its caller's to report
+                    await inflight
+            events, self._buffer = self._buffer, []
+            if not events and state is None:
+                return
+            # Shielded: a run cancelled mid-write must not leave it half-known (the script may
+            # have run), nor lose the events it carries.
+            self._inflight = asyncio.ensure_future(self.store.commit(self.keys, self.owner, events, state, release))
+            await asyncio.shield(self._inflight)
+            self._inflight = None
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
