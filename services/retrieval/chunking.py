@@ -3,12 +3,18 @@
 The whole document is tokenized once (the model's fast Rust tokenizer, with character offsets),
 then a greedy pass cuts windows of at most ``chunk_tokens`` tokens:
 
-- each cut is placed at the best boundary in the second half of the window, in this order:
-  paragraph break (a blank line) > sentence end (``.``, ``!``, ``?`` or ``:`` before whitespace)
-  > line break > any whitespace > between two tokens (only when a "word" is longer than half a
-  window, e.g. a long identifier or URL);
+- structure first: when the caller gives section starts (``breaks``: the headings of a Markdown
+  or HTML document, the pages of a PDF), a chunk ends at the last section start inside its
+  window, unless that leaves fewer than ``chunk_tokens // 8`` tokens (a lone heading line is
+  kept with what follows it); so a chunk never ends inside a section when a section boundary is
+  in reach, and small sections are packed together whole;
+- otherwise each cut is placed at the best boundary in the second half of the window, in this
+  order: paragraph break (a blank line) > sentence end (``.``, ``!``, ``?`` or
+  ``:`` before whitespace) > line break > any whitespace > between two tokens (only when a
+  "word" is longer than half a window, e.g. a long identifier or URL);
 - the next chunk starts up to ``overlap_tokens`` tokens before the cut, at the earliest sentence
-  start in that range, else the earliest word start, so the overlap never begins mid-word;
+  start in that range, else the earliest word start, so the overlap never begins mid-word; the
+  overlap never reaches back across a section start (a chunk cut at a section start has none);
 - a chunk also never spans more than ``max_chars`` characters (a BERT tokenizer maps a whole
   over-long "word" to one ``[UNK]`` token, so a token budget alone does not bound the text).
 
@@ -23,7 +29,8 @@ chunk can gain when it is re-tokenized on its own after a mid-word cut.
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tokenizers import Tokenizer
@@ -85,16 +92,19 @@ class Chunker:
         # ~5 characters per token in English prose; 20 leaves room for code and long words.
         self.max_chars = max_chars or 20 * chunk_tokens
 
-    def split(self, text: str) -> list[TextChunk]:
+    def split(self, text: str, breaks: Sequence[int] = ()) -> list[TextChunk]:
         """Chunks of ``text`` in order; an empty list when ``text`` has no tokens (e.g. only
-        whitespace). Runs in O(tokens): about 40 ms per 100 kB of text on one core, most of it in
-        the tokenizer."""
+        whitespace). ``breaks``: character offsets where sections start (headings, pages), any
+        order. Runs in O(tokens): about 40 ms per 100 kB of text on one core, most of it in the
+        tokenizer."""
         offsets = self.tokenizer.encode(text, add_special_tokens=False).offsets
         n = len(offsets)
         if n == 0:
             return []
         starts = [s for s, _ in offsets]
         ends = [e for _, e in offsets]
+        # Token indices that begin a section (the first token at or after each break offset).
+        sections = sorted({k for k in (bisect_left(starts, b) for b in breaks) if 0 < k < n})
         chunks: list[TextChunk] = []
         a = 0
         while a < n:
@@ -107,19 +117,30 @@ class Chunker:
                     chunks.append(TextChunk(len(chunks), piece_start, piece_end, text[piece_start:piece_end], 1))
                 a += 1
                 continue
-            cut = hi if hi == n else self._best_cut(text, starts, ends, a, hi)
+            cut = self._section_cut(sections, a, hi)
+            if cut is None:
+                cut = hi if hi == n else self._best_cut(text, starts, ends, a, hi)
             start, end = starts[a], ends[cut - 1]
             chunks.append(TextChunk(len(chunks), start, end, text[start:end], cut - a))
             if cut == n:
                 break
-            a = self._next_start(text, starts, ends, a, cut)
+            a = self._next_start(text, starts, ends, sections, a, cut)
         return chunks
 
-    def with_title(self, title: str, chunk_text: str) -> str:
-        """The text actually embedded for a chunk: its document title (cut to ``title_tokens``
-        tokens) on the first line, then the chunk. Titles give chunks from deep inside a
-        document the context of what the document is about."""
-        title = title.strip()
+    def _section_cut(self, sections: list[int], a: int, hi: int) -> int | None:
+        """The last section start in ``[a + chunk_tokens // 8, hi]``, or None (``sections``:
+        sorted token indices, all inside the text)."""
+        i = bisect_right(sections, hi) - 1
+        if i >= 0 and sections[i] >= a + max(1, self.chunk_tokens // 8):
+            return sections[i]
+        return None
+
+    def with_title(self, title: str, chunk_text: str, section: str = "") -> str:
+        """The text actually indexed for a chunk (embedded, and BM25-indexed): its document title
+        and section heading (``"title > section"``, cut to ``title_tokens`` tokens) on the first
+        line, then the chunk. Titles give chunks from deep inside a document the context of what
+        the document is about. With ``title_tokens == 0``: the chunk alone."""
+        title = " > ".join(part for part in (title.strip(), section.strip()) if part)
         if not title or self.title_tokens == 0:
             return chunk_text
         offsets = self.tokenizer.encode(title, add_special_tokens=False).offsets
@@ -153,11 +174,18 @@ class Chunker:
                     break
         return best
 
-    def _next_start(self, text: str, starts: list[int], ends: list[int], a: int, cut: int) -> int:
-        """First token of the next chunk: at most ``overlap_tokens`` before ``cut``, after ``a``."""
+    def _next_start(self, text: str, starts: list[int], ends: list[int], sections: list[int], a: int,
+                    cut: int) -> int:
+        """First token of the next chunk: at most ``overlap_tokens`` before ``cut``, after ``a``,
+        and not before the last section start at or before ``cut``."""
         if self.overlap_tokens == 0:
             return cut
+        i = bisect_right(sections, cut) - 1
+        if i >= 0 and sections[i] == cut:
+            return cut  # the chunk ended where a section begins: no overlap into it
         lo = max(a + 1, cut - self.overlap_tokens)
+        if i >= 0 and sections[i] >= lo:
+            return sections[i]
         word_start = None
         for k in range(lo, cut):
             score = self._gap_score(text, starts, ends, k)

@@ -159,3 +159,57 @@ def test_settings_that_would_truncate_are_refused(embedder) -> None:
         Chunker(embedder.tokenizer, model_max_tokens=embedder.max_tokens, chunk_tokens=250)
     with pytest.raises(ValueError, match="overlap_tokens"):
         Chunker(embedder.tokenizer, model_max_tokens=embedder.max_tokens, chunk_tokens=100, overlap_tokens=100)
+
+
+# -- structure (section starts from headings or pages) -----------------------------------------
+
+def _sections_doc(sizes: list[int]) -> tuple[str, list[int]]:
+    """Markdown-like text: one '## Section i' heading per entry, followed by ``sizes[i]`` sentences."""
+    parts, breaks, pos = [], [], 0
+    for i, n in enumerate(sizes):
+        body = " ".join(f"Sentence {j} of section {i} talks about item {i * 100 + j}." for j in range(n))
+        block = f"## Section {i}\n\n{body}"
+        if parts:
+            pos += 2
+        breaks.append(pos)
+        parts.append(block)
+        pos += len(block)
+    return "\n\n".join(parts), breaks
+
+
+def test_chunks_end_where_sections_begin_and_never_overlap_into_them(chunker: Chunker) -> None:
+    text, breaks = _sections_doc([3, 25, 2, 40, 4])
+    chunks = chunker.split(text, breaks)
+    _check_offsets(text, chunks)
+    for c in chunks[:-1]:
+        inside = [b for b in breaks if c.start < b < c.end]
+        # A chunk holding a section start beyond its first chunk_tokens // 8 tokens ends right
+        # where a (later) section begins: sections are packed whole, never cut at their start.
+        if any(_token_count(chunker, text[c.start:b]) >= chunker.chunk_tokens // 8 for b in inside):
+            assert text[c.end:].lstrip().startswith("## Section"), c.index
+    starts = {c.start for c in chunks}
+    assert sum(b in starts for b in breaks[1:]) >= 3, "most sections start a chunk"
+    for prev, nxt in zip(chunks, chunks[1:]):
+        if nxt.start in breaks:
+            assert nxt.start >= prev.end, "no overlap into a new section"
+
+
+def test_small_sections_are_packed_together(chunker: Chunker) -> None:
+    text, breaks = _sections_doc([2] * 12)  # ~12 sections of ~30 tokens
+    chunks = chunker.split(text, breaks)
+    assert len(chunks) < 6
+    for c in chunks:
+        assert c.text.startswith("## Section"), "each chunk starts at a section"
+
+
+def test_breaks_do_not_change_text_without_them(chunker: Chunker, asyncio_doc_text: str) -> None:
+    assert chunker.split(asyncio_doc_text, []) == chunker.split(asyncio_doc_text)
+    # Breaks outside the text or at its very start are ignored.
+    assert chunker.split("A short text.", [0, 10_000]) == chunker.split("A short text.")
+
+
+def test_section_goes_into_the_indexed_title_line(chunker: Chunker) -> None:
+    assert chunker.with_title("Guide", "body", "Install > Linux") == "Guide > Install > Linux\nbody"
+    assert chunker.with_title("", "body", "p. 3") == "p. 3\nbody"
+    untitled = Chunker(chunker.tokenizer, model_max_tokens=256, title_tokens=0)
+    assert untitled.with_title("Guide", "body", "Install") == "body"

@@ -3,77 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 
-from agentmesh.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
+from agentmesh.retrieval.v1 import retrieval_pb2
 from agentmesh.services.retrieval.corpus import stdlib_documents
-from agentmesh.services.retrieval.service import RetrievalService, RetrievalSettings
 from agentmesh.services.retrieval.store import MilvusStore, content_hash
-from agentmesh.services.runtime import context as ctx
-from tests.support import running_service
+from tests.retrieval.helpers import Client, doc, md, prose
 
 STDLIB = ["json", "re", "csv", "subprocess", "tempfile", "pickle", "base64", "urllib.parse"]
-
-
-def md(tenant: str) -> tuple[tuple[str, str], ...]:
-    return ((ctx.TENANT_HEADER, tenant),)
-
-
-def doc(doc_id: str, text: str, title: str = "", **metadata: str) -> retrieval_pb2.Document:
-    return retrieval_pb2.Document(id=doc_id, title=title or doc_id, source=f"test://{doc_id}", text=text, metadata=metadata)
-
-
-def prose(topic: str, sentences: int) -> str:
-    """Sentences about ``topic``, grouped in paragraphs of five."""
-    lines = [f"Fact {i} about {topic}: observation number {i} was recorded and checked twice." for i in range(sentences)]
-    return "\n\n".join(" ".join(lines[i:i + 5]) for i in range(0, len(lines), 5))
-
-
-class Client:
-    """The service under test, its stub and a way to look into its store as some tenant."""
-
-    def __init__(self, service: RetrievalService, channel: grpc.aio.Channel):
-        self.service = service
-        self.stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
-
-    async def ingest(self, documents: Iterable[retrieval_pb2.Document], tenant: str = "default",
-                     collection: str = "", collections: list[str] | None = None) -> retrieval_pb2.IngestDocumentsResponse:
-        docs = list(documents)
-
-        async def requests() -> AsyncIterator[retrieval_pb2.IngestDocumentsRequest]:
-            for i, d in enumerate(docs):
-                name = collections[i] if collections else collection
-                yield retrieval_pb2.IngestDocumentsRequest(collection=name, document=d)
-
-        return await self.stub.IngestDocuments(requests(), metadata=md(tenant), timeout=300)
-
-    async def search(self, query: str, tenant: str = "default", **kwargs) -> list:
-        reply = await self.stub.Search(retrieval_pb2.SearchRequest(query=query, **kwargs), metadata=md(tenant), timeout=60)
-        return list(reply.chunks)
-
-    async def as_tenant(self, tenant: str, fn, *args):
-        token = ctx.tenant_var.set(tenant)
-        try:
-            return await fn(*args)
-        finally:
-            ctx.tenant_var.reset(token)
-
-    async def count(self, tenant: str, collection: str, document_id: str | None = None) -> int:
-        return await self.as_tenant(tenant, self.service.store.count, collection, document_id)
-
-    async def rows(self, tenant: str, collection: str, document_id: str) -> list[dict]:
-        return await self.as_tenant(tenant, self.service.store.document_chunks, collection, document_id)
-
-
-@pytest.fixture(scope="module")
-async def client(embedder, tmp_path_factory) -> AsyncIterator[Client]:
-    folder = tmp_path_factory.mktemp("milvus")
-    service = RetrievalService(RetrievalSettings(milvus_uri=str(folder / "milvus.db")), embedder=embedder)
-    async with running_service(service) as address, grpc.aio.insecure_channel(address) as channel:
-        yield Client(service, channel)
 
 
 @pytest.fixture(scope="module")
@@ -134,12 +74,16 @@ async def test_reingesting_unchanged_documents_writes_nothing(client: Client, st
 
 async def test_top_k_and_min_score(client: Client, stdlib_ingested) -> None:
     query = "parse JSON string into Python object"
+    dense = retrieval_pb2.SEARCH_MODE_DENSE
     assert len(await client.search(query, tenant="docs", collection="stdlib")) == 5  # top_k 0 means 5
     assert len(await client.search(query, tenant="docs", collection="stdlib", top_k=12)) == 12
-    scored = await client.search(query, tenant="docs", collection="stdlib", top_k=50, min_score=0.4)
+    scored = await client.search(query, tenant="docs", collection="stdlib", top_k=50, min_score=0.4, mode=dense)
     assert scored and all(c.score >= 0.4 for c in scored)
     assert len(scored) < 50
-    assert await client.search(query, tenant="docs", collection="stdlib", min_score=0.99) == []
+    assert await client.search(query, tenant="docs", collection="stdlib", min_score=0.99, mode=dense) == []
+    # Hybrid scores are fused (RRF: at most 2 / 61 with k = 60), and min_score applies to them.
+    fused = await client.search(query, tenant="docs", collection="stdlib", top_k=50, min_score=0.02)
+    assert fused and all(0.02 <= c.score <= 2 / 61 + 1e-6 for c in fused) and len(fused) < 50
 
 
 async def test_changed_document_replaces_all_old_chunks(client: Client) -> None:
@@ -172,7 +116,9 @@ async def test_changed_document_replaces_all_old_chunks(client: Client) -> None:
     assert {c.title for c in hits if c.document_id == "handbook"} == {retitled.title}
 
 
-async def test_search_right_after_ingest_finds_the_document(client: Client) -> None:
+@pytest.mark.parametrize("mode", [retrieval_pb2.SEARCH_MODE_HYBRID, retrieval_pb2.SEARCH_MODE_DENSE,
+                                  retrieval_pb2.SEARCH_MODE_SPARSE], ids=["hybrid", "dense", "sparse"])
+async def test_search_right_after_ingest_finds_the_document(client: Client, mode: int) -> None:
     topics = {
         "sourdough": ("Sourdough bread rises because wild yeast and lactic acid bacteria ferment the dough "
                       "slowly overnight; bakers feed the starter with flour and water every day.",
@@ -184,9 +130,12 @@ async def test_search_right_after_ingest_finds_the_document(client: Client) -> N
                      "long cracks in the ground above the mid-Atlantic ridge.",
                      "lava flowing out of cracks in the earth"),
     }
+    collection = f"ryw_{mode}"
     for doc_id, (text, query) in topics.items():
-        await client.ingest([doc(doc_id, text)], tenant="fresh", collection="ryw")
-        chunks = await client.search(query, tenant="fresh", collection="ryw", top_k=1)
+        reply = await client.ingest([doc(doc_id, text)], tenant="fresh", collection=collection)
+        assert reply.documents_written == 1
+        # No wait, no retry: the first search after the response sees the document.
+        chunks = await client.search(query, tenant="fresh", collection=collection, top_k=1, mode=mode)
         assert [c.document_id for c in chunks] == [doc_id]
 
 

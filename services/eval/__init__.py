@@ -1,0 +1,1 @@
+"""Evaluations shipped with AgentMesh (``agentmesh eval``)."""
