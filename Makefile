@@ -10,13 +10,14 @@ BUF    := node_modules/.bin/buf
 AGAINST ?= .git\#branch=main,subdir=protos
 DEMO_QUESTION ?= How do I parse a JSON string into a Python object?
 
-.PHONY: help install run up down status chat ingest test pytest lint-protos breaking generate check-generated clean
+.PHONY: help install run up down status chat ingest test pytest lint-protos breaking generate check-generated check-chart k8s bench bench-router bench-memory bench-orchestrator bench-sandbox bench-retrieval clean
 
 help:
 	@echo "make run       start the whole mesh locally, ingest the demo corpus, stream a demo answer"
 	@echo "make down      stop the mesh"
 	@echo "make test      every check CI runs (proto lint + breaking + generated code + pytest)"
 	@echo "make generate  regenerate gen/python from protos/"
+	@echo "make k8s       regenerate k8s/ from the Helm chart"
 
 # --- installation ---------------------------------------------------------------------------
 $(VENV)/.installed: pyproject.toml
@@ -68,11 +69,38 @@ breaking: node_modules/.installed
 	  $(BUF) breaking protos --against '$(AGAINST)' && echo "no breaking changes against main"; \
 	else echo "no main branch to compare against: skipping buf breaking"; fi
 
+# --- deployment -----------------------------------------------------------------------------
+# helm lint --strict + helm template | kubernetes-validate for every ci/ values file, and k8s/ drift.
+check-chart: $(VENV)/.installed node_modules/.installed
+	PYTHON=$(PY) scripts/check_chart.sh
+
+# Regenerate the kustomize tree in k8s/ from the chart (run after changing helm/ or gateway/).
+k8s: $(VENV)/.installed node_modules/.installed
+	$(PY) scripts/generate_k8s.py
+
+# --- benchmarks (figures, not tests: each prints a table and writes bench/results/<name>.json) --
+bench-router: $(VENV)/.installed
+	$(PY) -m bench.router
+
+bench-memory: $(VENV)/.installed
+	$(PY) -m bench.memory
+
+bench-orchestrator: $(VENV)/.installed
+	$(PY) -m bench.orchestrator
+
+bench-sandbox: $(VENV)/.installed
+	$(PY) -m bench.sandbox
+
+bench-retrieval: $(VENV)/.installed
+	$(PY) -m bench.retrieval
+
+bench: bench-router bench-memory bench-orchestrator bench-sandbox bench-retrieval
+
 # --- tests ----------------------------------------------------------------------------------
-pytest: $(VENV)/.installed
+pytest: $(VENV)/.installed node_modules/.installed
 	$(PY) -m pytest -q
 
-test: lint-protos breaking check-generated pytest
+test: lint-protos breaking check-generated check-chart pytest
 
 clean:
 	rm -rf $(VENV) node_modules .agentmesh .pytest_cache
