@@ -51,18 +51,3 @@ def redis_server(tmp_path_factory):
 def redis_settings(redis_server):
     """Router settings pointing at the session Redis, with keys of their own (tests never share counters)."""
     return {"redis_url": redis_server, "redis_prefix": f"test:{uuid.uuid4().hex[:12]}"}
-
-
-@pytest.fixture(scope="session")
-def span_exporter():
-    """The OpenTelemetry SDK installed once for the session, exporting to memory."""
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)
-    return exporter

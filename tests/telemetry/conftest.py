@@ -1,5 +1,4 @@
-"""Fixtures for the telemetry tests: the process's tracer provider with an in-memory exporter, and
-the five real services served in this process (so every span they make lands in that exporter)."""
+"""Fixtures for the telemetry tests (the in-memory span exporter is in tests/conftest.py): the five real services served in this process (so every span they make lands in that exporter)."""
 
 from __future__ import annotations
 
@@ -12,30 +11,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from opentelemetry import trace
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from agentmesh.services.cli import runner
 from agentmesh.services.cli.processes import start_redis
 from agentmesh.services.runtime.clients import check_health
 from agentmesh.services.runtime.server import serve
 from agentmesh.services.runtime.settings import SERVICE_NAMES
-from agentmesh.services.runtime.telemetry import configure_tracing
-
-
-@pytest.fixture(scope="session")
-def span_exporter() -> InMemorySpanExporter:
-    """Every span this test process ends, as the SDK hands it to an exporter."""
-    exporter = InMemorySpanExporter()
-    configure_tracing("tests", processors=[SimpleSpanProcessor(exporter)])
-    with trace.get_tracer("tests").start_as_current_span("exporter check"):
-        pass
-    assert [s.name for s in exporter.get_finished_spans()] == ["exporter check"], (
-        "another tracer provider was installed in this process before the telemetry tests"
-    )
-    exporter.clear()
-    return exporter
 
 
 @contextlib.contextmanager
