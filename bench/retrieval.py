@@ -36,8 +36,8 @@ thread, like the service), then ``MilvusClient.search`` (dense), ``search`` on t
 request (hybrid). Overhead = service p50 − baseline p50. Hybrid (the default mode) at 1, 8 and
 32 clients; dense and BM25 at 1 client for the breakdown.
 
-Run: ``.venv/bin/python -m bench.retrieval`` (about 10 minutes on 2 cores, mostly building and
-indexing the 100k rows in Milvus Lite); writes ``bench/results/retrieval.json`` and ``.png``.
+Run: ``.venv/bin/python -m bench.retrieval`` (about 7 minutes on 2 cores, a third of it building
+the 100k rows in Milvus Lite); writes ``bench/results/retrieval.json`` and ``.png``.
 Target (issue 4): service overhead ≤ 2 ms at p50.
 """
 

@@ -24,7 +24,9 @@ begins and ends on a token, so leading and trailing whitespace is never part of 
 
 Why these numbers: ``all-MiniLM-L6-v2`` reads at most 256 word pieces and silently truncates the
 rest; 200 chunk tokens + 32 title tokens + ``[CLS]``/``[SEP]`` leave headroom for the few tokens a
-chunk can gain when it is re-tokenized on its own after a mid-word cut.
+chunk can gain when it is re-tokenized on its own after a mid-word cut. Measured against 128/24
+and against no title line, 200/40 with titles gave the best mean nDCG@10 on the two home-made
+evaluation sets (``services/retrieval/README.md``).
 """
 
 from __future__ import annotations
