@@ -7,7 +7,11 @@
 - a Prometheus ``/metrics`` endpoint when ``metrics_port`` is set;
 - explicit limits (max message size, max concurrent streams, keepalive);
 - ``grpc.health.v1`` whose status follows the service's own readiness probe (it starts
-  NOT_SERVING, turns SERVING once :meth:`Service.ready` says so, and back when it stops saying so);
+  NOT_SERVING, turns SERVING once :meth:`Service.ready` says so, and back when it stops saying so),
+  for ``""`` and the service's own name (readiness), and ``agentmesh.liveness`` (:data:`LIVENESS_SERVICE`),
+  which is SERVING from the moment the server listens until shutdown: it answers only while the
+  event loop does, so a wedged process fails it, but a dependency outage never does (Kubernetes
+  restarts a pod whose liveness fails; restarting for a Redis outage would only add load);
 - server reflection;
 - graceful shutdown on SIGTERM/SIGINT: health goes NOT_SERVING, no new calls are accepted, and
   in-flight calls get ``grace_period_s`` to finish before they are cancelled.
@@ -28,6 +32,9 @@ from agentmesh.services.runtime import telemetry
 from agentmesh.services.runtime.interceptors import ServerInterceptor
 from agentmesh.services.runtime.logs import configure_logging
 from agentmesh.services.runtime.settings import DEFAULT_PORTS, SERVICE_NAMES, ServiceSettings
+
+#: grpc.health.v1 service name of the liveness check (the chart's livenessProbe asks it).
+LIVENESS_SERVICE = "agentmesh.liveness"
 
 log = logging.getLogger("agentmesh.server")
 
@@ -118,6 +125,7 @@ async def serve(service: Service, *, stop_event: asyncio.Event | None = None, ha
 
     await set_status(False)
     await server.start()
+    await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "listening",
         extra={"fields": {"service": name, "address": address, "metrics_port": settings.metrics_port or None}},
