@@ -1,10 +1,14 @@
 """One generation, from a validated request to the last event (see ``README.md``, "Stream
 semantics").
 
-    plan (routing) → cache lookup → admission (tenant / API key) → attempts → stream → settle
+    plan (routing) → cache lookup → attempts (breaker, admission) → stream → settle
 
 Attempts walk the plan's candidates. Before a deployment is called its circuit must allow it and
-its own RPM/TPM limit must admit the request (else it is skipped). A failure before the first
+admission must pass: at the first deployment called, one Redis script admits the caller's
+tenant / API key (RPM, TPM, a budget hold of the worst-case cost there — a refusal ends the
+request) together with the deployment's own RPM/TPM (a refusal skips the deployment); a later,
+pricier deployment first raises the budget hold (refused: skipped). One more script call settles
+everything after the stream (:mod:`.admission`). A cache hit counts against the caller's RPM only. A failure before the first
 text or tool-call delta is retried on the same deployment when retryable (HTTP 429, 5xx,
 connection errors: exponential backoff with full jitter — M. Brooker, "Exponential Backoff And
 Jitter", AWS Architecture Blog, 2015 — or exactly the provider's ``retry-after``), as long as the
@@ -16,7 +20,6 @@ with a ``StreamInterrupted`` event carrying the partial usage, then a gRPC statu
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
@@ -33,7 +36,8 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from agentmesh.common.v1 import common_pb2
 from agentmesh.llm.v1 import llm_pb2
 from agentmesh.services.llm import telemetry as tm
-from agentmesh.services.llm.admission import Refusal, Reservation, Scope
+from agentmesh.services.llm.admission import Refusal, Reservation, Scope, Violation
+from agentmesh.services.llm.breakers import Permit
 from agentmesh.services.llm.cache import cache_key
 from agentmesh.services.llm.catalogue import EXTRACTIVE, LimitConfig
 from agentmesh.services.llm.counting import Count
@@ -93,6 +97,26 @@ def _limit_text(limit: str, limits: LimitConfig) -> str:
     return f"budget of {limits.budget_usd:g} USD per {limits.budget_period if limits.budget_period != 'total' else 'lifetime'}"
 
 
+def _usd(value: float) -> str:
+    return f"{value:.6f}".rstrip("0").rstrip(".") if value else "0"
+
+
+def _violation_text(v: Violation, hold_usd: float) -> str:
+    """What one limit says about a refused request."""
+    who, limits = f"{v.scope.kind} {v.scope.id!r}", v.scope.limits
+    if v.limit != "budget" or v.spent_usd >= limits.budget_usd:
+        return f"{who} reached its {_limit_text(v.limit, limits)}"
+    left = max(0.0, limits.budget_usd - v.spent_usd - v.held_usd)
+    return (f"{who} has {_usd(left)} USD left of its {_limit_text('budget', limits)} ({_usd(v.spent_usd)} spent, "
+            f"{_usd(v.held_usd)} held by calls in flight), less than this request's worst-case cost of "
+            f"{_usd(hold_usd)} USD")
+
+
+def _deployment_tag(runtime: Runtime) -> str:
+    """The admission scope tag of a deployment's own limits."""
+    return Scope(_DEPLOYMENT, runtime.name, LimitConfig()).tag
+
+
 def api_key_id(context: grpc.aio.ServicerContext) -> str:
     """The ``x-api-key-id`` of the call (empty when absent). INVALID_ARGUMENT when malformed."""
     for key, value in context.invocation_metadata() or ():
@@ -122,6 +146,12 @@ class Generation:
         self.cost_usd = 0.0
         self._counts: dict[tuple[str, str], Count] = {}
         self.gen: GenerationRequest | None = None
+        self._caller: tuple[list[Scope], list[Scope]] | None = None
+        #: Admission of this request (None until a deployment was admitted, or without limits).
+        self.reservation: Reservation | None = None
+        self._admitted = False  # the caller's scopes passed admission (or there are none)
+        #: Tags of the deployment scopes of deployments that failed before answering (TPM back to 0).
+        self._released: set[str] = set()
         self.span = tm.tracer.start_span("chat", kind=SpanKind.INTERNAL)  # child of the RPC's SERVER span
 
     # --- token counts ------------------------------------------------------------------------
@@ -145,7 +175,6 @@ class Generation:
     # --- the whole call ----------------------------------------------------------------------
 
     async def events(self) -> AsyncIterator[llm_pb2.StreamGenerateResponse]:
-        reservation: Reservation | None = None
         try:
             gen = self.gen = self.svc.validate(self.request)
             routing = self.request.routing
@@ -168,12 +197,12 @@ class Generation:
                 key = cache_key(self.settings.redis_prefix, self.tenant, routing.deployment or plan.alias, gen)
                 hit = await self._cache_get(key)
                 if hit is not None:
+                    await self._admit_cached()
                     for event in self._replay(hit):
                         yield event
                     return
-            reservation = await self._admit(plan, gen)
-            candidate, call, answer, deployment_reservation = await self._attempts(plan, gen)
-            async for event in self._stream(plan, candidate, call, answer, deployment_reservation, key):
+            candidate, call, answer = await self._attempts(plan, gen)
+            async for event in self._stream(plan, candidate, call, answer, key):
                 yield event
         except StatusError as err:
             self.code = err.code
@@ -189,8 +218,8 @@ class Generation:
             self.code = grpc.StatusCode.INTERNAL
             raise
         finally:
-            if reservation is not None or self.cost_usd:
-                settle = self._settle(reservation)
+            if self.reservation is not None or self.cost_usd:
+                settle = self._settle()
                 if self.code == grpc.StatusCode.CANCELLED:
                     self.svc.background(settle)  # the caller is gone; never block its cancellation
                 else:
@@ -269,53 +298,120 @@ class Generation:
 
     def _scopes(self) -> tuple[list[Scope], list[Scope]]:
         """(limited scopes, all caller scopes for spend) of the caller."""
-        limits = self.state.catalogue.limits
-        tenant_limits = limits.for_tenant(self.tenant) or LimitConfig()
-        scopes = [Scope(_TENANT, self.tenant, tenant_limits)]
-        if self.key_id:
-            scopes.append(Scope(_API_KEY, self.key_id, limits.for_api_key(self.key_id) or LimitConfig()))
-        return [s for s in scopes if s.limits.active], scopes
+        if self._caller is None:
+            limits = self.state.catalogue.limits
+            tenant_limits = limits.for_tenant(self.tenant) or LimitConfig()
+            scopes = [Scope(_TENANT, self.tenant, tenant_limits)]
+            if self.key_id:
+                scopes.append(Scope(_API_KEY, self.key_id, limits.for_api_key(self.key_id) or LimitConfig()))
+            self._caller = [s for s in scopes if s.limits.active], scopes
+        return self._caller
 
-    async def _admit(self, plan: Plan, gen: GenerationRequest) -> Reservation | None:
+    def _redis_down(self, exc: Exception) -> bool:
+        """True to go on without admission (ADMISSION_FAIL_OPEN); else raises UNAVAILABLE."""
+        if self.settings.admission_fail_open:
+            log.warning("admission skipped: Redis unreachable (AGENTMESH_LLM_ADMISSION_FAIL_OPEN)",
+                        extra={"fields": {"error": str(exc)}})
+            return True
+        raise ServiceError(grpc.StatusCode.UNAVAILABLE,
+                           f"the router cannot check rate limits: Redis is unreachable ({exc}); retry shortly") from None
+
+    async def _admit_cached(self) -> None:
+        """A cache hit is a request (the caller's RPM counts it) but uses no upstream tokens and
+        costs nothing (no TPM, no budget hold, no deployment limits)."""
         limited, _ = self._scopes()
-        if not limited:
-            return None
-        first = plan.candidates[0].runtime
-        prompt_tokens = self.prompt_count(first, self.upstream(plan, first)).tokens
-        result = await self._admit_scopes(limited, prompt_tokens + gen.max_tokens, prompt_tokens, gen.max_tokens)
-        return result
-
-    async def _admit_scopes(self, scopes: list[Scope], tokens: int, prompt_tokens: int,
-                            max_tokens: int) -> Reservation | None:
-        admission = self.svc.admission
-        assert admission is not None  # start() refuses limits without Redis
+        scopes = [Scope(s.kind, s.id, LimitConfig(rpm=s.limits.rpm)) for s in limited if s.limits.rpm]
+        if not scopes:
+            return
+        assert self.svc.admission is not None  # start() refuses limits without Redis
         try:
-            result = await admission.admit(scopes, tokens)
+            outcome = await self.svc.admission.admit(scopes, 0)
         except redis.RedisError as exc:
-            if self.settings.admission_fail_open:
-                log.warning("admission skipped: Redis unreachable (AGENTMESH_LLM_ADMISSION_FAIL_OPEN)",
-                            extra={"fields": {"error": str(exc)}})
-                return None
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE,
-                               f"the router cannot check rate limits: Redis is unreachable ({exc}); retry shortly") from None
-        if isinstance(result, Refusal):
-            raise self._refused(result, tokens, prompt_tokens, max_tokens)
-        return result
+            self._redis_down(exc)
+            return
+        if outcome.reservation is None:
+            raise self._refused(outcome.refusal, 0, 0, 0, None)  # type: ignore[arg-type]
 
-    def _refused(self, refusal: Refusal, tokens: int, prompt_tokens: int, max_tokens: int) -> ServiceError:
-        for scope, limit in refusal.violations:
-            tm.REJECTIONS.labels(scope.kind, limit).inc()
-        scope, limit = refusal.violations[0]
+    async def _admit_candidate(self, runtime: Runtime, upstream: str, gen: GenerationRequest) -> Refusal | None:
+        """Admission before calling ``runtime`` (module docstring): None when it may be called,
+        the Refusal of its own limits (or of a budget that cannot cover its worst case after a
+        failover) when it must be skipped. Raises RESOURCE_EXHAUSTED / INVALID_ARGUMENT when the
+        caller's scopes refuse the request, UNAVAILABLE when Redis is unreachable (unless
+        ADMISSION_FAIL_OPEN)."""
+        admission = self.svc.admission
+        if admission is None:
+            return None
+        limited, _ = self._scopes()
+        config = runtime.config
+        own = [Scope(_DEPLOYMENT, runtime.name, LimitConfig(rpm=config.rpm, tpm=config.tpm))] \
+            if config.rpm or config.tpm else []
+        budgeted = [s for s in limited if s.limits.budget_usd]
+        worst = 0.0
+        if budgeted and (config.input_usd_per_mtok or config.output_usd_per_mtok):
+            worst = config.price_usd(self.prompt_count(runtime, upstream).tokens, gen.max_tokens)
+        first = not self._admitted
+        if first:
+            required = limited
+        elif self.reservation is not None and worst > self.reservation.held_usd:
+            required = budgeted  # a pricier deployment: raise the hold first
+        else:
+            required = []
+        if not required and not own:
+            self._admitted = True
+            return None
+        prompt_tokens = self.prompt_count(runtime, upstream).tokens
+        tokens = prompt_tokens + gen.max_tokens
+        try:
+            outcome = await admission.admit(required, tokens, hold_usd=worst, optional=own,
+                                            reservation=self.reservation, hold_ttl_s=gen.timeout_s)
+        except redis.RedisError as exc:
+            self._redis_down(exc)
+            self._admitted = True
+            return None
+        if outcome.reservation is None:
+            refusal = outcome.refusal
+            assert refusal is not None
+            if first:
+                raise self._refused(refusal, tokens, prompt_tokens, gen.max_tokens, runtime)
+            for violation in refusal.violations:
+                tm.REJECTIONS.labels(violation.scope.kind, violation.limit).inc()
+            return refusal
+        self.reservation = outcome.reservation
+        self._admitted = True
+        if outcome.refusal is not None:
+            for violation in outcome.refusal.violations:
+                tm.REJECTIONS.labels(violation.scope.kind, violation.limit).inc()
+        return outcome.refusal
+
+    def _refused(self, refusal: Refusal, tokens: int, prompt_tokens: int, max_tokens: int,
+                 runtime: Runtime | None) -> ServiceError:
+        for violation in refusal.violations:
+            tm.REJECTIONS.labels(violation.scope.kind, violation.limit).inc()
+        worst = ""
+        if runtime is not None and refusal.hold_usd:
+            worst = (f" ({prompt_tokens} prompt tokens + max_tokens {max_tokens} at the prices of deployment "
+                     f"{runtime.name!r})")
         if refusal.too_large:
+            big = next((v for v in refusal.violations if v.limit == "tpm" and tokens > v.scope.limits.tpm), None)
+            if big is not None:
+                return invalid_argument(
+                    f"the request needs {tokens} tokens (prompt {prompt_tokens} + max_tokens {max_tokens}) but "
+                    f"{big.scope.kind} {big.scope.id!r} may use at most {big.scope.limits.tpm} tokens per minute: "
+                    "lower options.max_tokens or shorten the prompt"
+                )
+            budget = next(v for v in refusal.violations if v.limit == "budget")
             return invalid_argument(
-                f"the request needs {tokens} tokens (prompt {prompt_tokens} + max_tokens {max_tokens}) but "
-                f"{scope.kind} {scope.id!r} may use at most {scope.limits.tpm} tokens per minute: lower "
+                f"the request may cost up to {_usd(refusal.hold_usd)} USD{worst}, more than the whole "
+                f"{_limit_text('budget', budget.scope.limits)} of {budget.scope.kind} {budget.scope.id!r}: lower "
                 "options.max_tokens or shorten the prompt"
             )
-        reached = "; ".join(f"{s.kind} {s.id!r} reached its {_limit_text(lim, s.limits)}" for s, lim in refusal.violations)
+        reached = "; ".join(_violation_text(v, refusal.hold_usd) for v in refusal.violations)
+        if worst and any(v.limit == "budget" and v.spent_usd < v.scope.limits.budget_usd for v in refusal.violations):
+            reached += worst + "; lower options.max_tokens to need less"
         violations = error_details_pb2.QuotaFailure(violations=[
-            error_details_pb2.QuotaFailure.Violation(subject=f"{s.kind}:{s.id}", description=_limit_text(lim, s.limits))
-            for s, lim in refusal.violations
+            error_details_pb2.QuotaFailure.Violation(subject=f"{v.scope.kind}:{v.scope.id}",
+                                                     description=_limit_text(v.limit, v.scope.limits))
+            for v in refusal.violations
         ])
         if refusal.retry_after_s is None:
             return StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -323,14 +419,15 @@ class Generation:
         return StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{reached}; retry in {refusal.retry_after_s:.3g} s",
                            [retry_info(refusal.retry_after_s), violations])
 
-    async def _settle(self, reservation: Reservation | None) -> None:
+    async def _settle(self) -> None:
         admission = self.svc.admission
         if admission is None:
             return
         _, everyone = self._scopes()
         try:
-            if reservation is not None:
-                await admission.settle(reservation, self.used_tokens, self.cost_usd, charge=everyone)
+            if self.reservation is not None:
+                await admission.settle(self.reservation, self.used_tokens, self.cost_usd, charge=everyone,
+                                       release=self._released)
             else:
                 await admission.charge(everyone, self.cost_usd)
         except redis.RedisError as exc:
@@ -345,8 +442,7 @@ class Generation:
             return None if retry_after_s > self.settings.max_retry_after_s else retry_after_s
         return self.svc.rng.uniform(0, min(self.settings.retry_max_s, self.settings.retry_base_s * 2**retry))
 
-    async def _attempts(self, plan: Plan, gen: GenerationRequest
-                        ) -> tuple[Candidate, GenerationRequest, _Answer, Reservation | None]:
+    async def _attempts(self, plan: Plan, gen: GenerationRequest) -> tuple[Candidate, GenerationRequest, _Answer]:
         """The first candidate that produces a first delta, with its open stream; raises the
         status of the whole plan's failure."""
         loop = self.loop
@@ -358,71 +454,62 @@ class Generation:
         for candidate in plan.candidates:
             runtime = candidate.runtime
             config = runtime.config
-            if not runtime.breaker.allow():
+            breaker = runtime.breaker
+            permit = await breaker.acquire(gen.timeout_s)
+            if not permit:
                 skipped_open.append(runtime)
                 tm.FAILOVERS.labels(runtime.name, "circuit_open").inc()
                 continue
             upstream = self.upstream(plan, runtime)
-            reservation = None
-            if (config.rpm or config.tpm) and self.svc.admission is not None:
-                prompt_tokens = self.prompt_count(runtime, upstream).tokens
-                scope = Scope(_DEPLOYMENT, runtime.name, LimitConfig(rpm=config.rpm, tpm=config.tpm))
-                try:
-                    result = await self.svc.admission.admit([scope], prompt_tokens + gen.max_tokens)
-                except redis.RedisError as exc:
-                    runtime.breaker.release()
-                    if not self.settings.admission_fail_open:
-                        raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the router cannot check deployment rate "
-                                           f"limits: Redis is unreachable ({exc}); retry shortly") from None
-                    result = None
-                if isinstance(result, Refusal):
-                    runtime.breaker.release()
-                    skipped_limited.append((runtime, result))
-                    tm.REJECTIONS.labels(_DEPLOYMENT, result.violations[0][1]).inc()
-                    tm.FAILOVERS.labels(runtime.name, "deployment_limit").inc()
-                    continue
-                reservation = result
+            try:
+                refusal = await self._admit_candidate(runtime, upstream, gen)
+            except BaseException:
+                breaker.release(permit)
+                raise
+            if refusal is not None:
+                breaker.release(permit)
+                skipped_limited.append((runtime, refusal))
+                own = refusal.violations[0].scope.kind == _DEPLOYMENT
+                tm.FAILOVERS.labels(runtime.name, "deployment_limit" if own else "budget").inc()
+                continue
             retries = self.settings.provider_max_retries if config.max_retries is None else config.max_retries
             first_token_s = config.first_token_timeout_s or self.settings.first_token_timeout_s
             total_s = config.total_timeout_s or self.settings.total_timeout_s
             for retry in range(retries + 1):
                 remaining = deadline - loop.time()
                 if remaining <= 0.001:
+                    breaker.release(permit)
                     break
                 call = dataclasses.replace(gen, model=upstream, timeout_s=min(remaining, total_s))
                 attempts += 1
-                outcome = await self._attempt(plan, candidate, call, first_token_s, attempts, errors)
+                outcome = await self._attempt(plan, candidate, call, first_token_s, attempts, errors, permit)
                 if isinstance(outcome, _Answer):
-                    return candidate, call, outcome, reservation
+                    return candidate, call, outcome
                 err = outcome
                 errors.append((candidate, err))
                 if not err.kind.transient:
-                    await self._release(reservation)
+                    self._released.add(_deployment_tag(runtime))
                     raise self._refused_by_provider(runtime, call, err)
                 if err.kind.retryable and retry < retries:
                     delay = self._backoff(retry, err.retry_after_s)
-                    if delay is not None and loop.time() + delay < deadline - DEADLINE_RESERVE_S \
-                            and runtime.breaker.allow():
-                        tm.RETRIES.labels(runtime.name, err.kind.value).inc()
-                        log.info("retrying a deployment", extra={"fields": {
-                            "deployment": runtime.name, "error": str(err), "delay_s": round(delay, 3)}})
-                        await asyncio.sleep(delay)
-                        continue
+                    if delay is not None and loop.time() + delay < deadline - DEADLINE_RESERVE_S:
+                        permit = await breaker.acquire(gen.timeout_s)
+                        if permit:
+                            tm.RETRIES.labels(runtime.name, err.kind.value).inc()
+                            log.info("retrying a deployment", extra={"fields": {
+                                "deployment": runtime.name, "error": str(err), "delay_s": round(delay, 3)}})
+                            await asyncio.sleep(delay)
+                            continue
                 tm.FAILOVERS.labels(runtime.name, err.kind.value).inc()
                 break
-            await self._release(reservation)
+            self._released.add(_deployment_tag(runtime))  # its own TPM reservation goes back to 0 at settle
         raise self._unanswered(plan, errors, skipped_open, skipped_limited)
 
-    async def _release(self, reservation: Reservation | None) -> None:
-        if reservation is not None and self.svc.admission is not None:
-            try:
-                await self.svc.admission.settle(reservation, 0, 0.0)
-            except redis.RedisError as exc:
-                log.warning("could not release a deployment reservation", extra={"fields": {"error": str(exc)}})
-
     async def _attempt(self, plan: Plan, candidate: Candidate, call: GenerationRequest, first_token_s: float,
-                       attempts: int, errors: list[tuple[Candidate, ProviderError]]) -> _Answer | ProviderError:
-        """Call one deployment up to its first delta: the answer so far, or the failure."""
+                       attempts: int, errors: list[tuple[Candidate, ProviderError]],
+                       permit: Permit) -> _Answer | ProviderError:
+        """Call one deployment up to its first delta (``permit`` from its breaker): the answer so
+        far, or the failure (the breaker told either way)."""
         runtime = candidate.runtime
         provider = runtime.provider
         loop = self.loop
@@ -454,9 +541,9 @@ class Generation:
         except ProviderError as err:
             await self._end_attempt(runtime, stream)
             if err.kind.transient:
-                runtime.breaker.record(False)
+                await runtime.breaker.report(permit, False)
             else:
-                runtime.breaker.release()
+                runtime.breaker.release(permit)
             tm.ATTEMPTS.labels(runtime.name, err.kind.value).inc()
             if span.is_recording():
                 span.set_status(Status(StatusCode.ERROR, str(err)))
@@ -467,13 +554,13 @@ class Generation:
             return err
         except BaseException:
             await self._end_attempt(runtime, stream)
-            runtime.breaker.release()
+            runtime.breaker.release(permit)
             span.end()
             raise
         ttft = loop.time() - started
         runtime.observe_ttft(ttft)
         tm.TTFT.labels(runtime.name).observe(ttft)
-        return _Answer(stream, head, done, started, attempts, span, self._notice(plan, candidate, errors))
+        return _Answer(stream, head, done, started, attempts, span, self._notice(plan, candidate, errors), permit)
 
     async def _end_attempt(self, runtime: Runtime, stream: AsyncIterator[Batch]) -> None:
         runtime.in_flight -= 1
@@ -495,7 +582,6 @@ class Generation:
     # --- the answer --------------------------------------------------------------------------
 
     async def _stream(self, plan: Plan, candidate: Candidate, call: GenerationRequest, answer: _Answer,
-                      reservation: Reservation | None,
                       cache_key_: str | None) -> AsyncIterator[llm_pb2.StreamGenerateResponse]:
         runtime = candidate.runtime
         provider = runtime.provider
@@ -515,23 +601,38 @@ class Generation:
         sent: list[llm_pb2.StreamGenerateResponse] = []
         first_t = last_t = loop.time()
         finish: llm_pb2.Finish | None = None
-        settled = False
+        backlog = self.settings.coalesce_backlog
         try:
             yield head_event
             try:
                 for batch in answer.head:
+                    if backlog and len(batch) > backlog:
+                        batch = coalesce(batch, backlog)  # noqa: PLW2901
                     if batch[-1].HasField("finish"):
                         finish = self._complete(runtime, call, sent, batch)
                     for event in batch:
                         yield event
                     sent.extend(batch)
-                timeout = (f"the generation did not finish within {call.timeout_s:.3g} s (the deployment's total "
-                           "timeout, AGENTMESH_LLM_TOTAL_TIMEOUT_S, or the caller's deadline)")
-                rest = _coalesced(stream, end, timeout) if self.settings.coalesce_deltas else _batches(stream, end, timeout)
                 if not answer.done and finish is None:
+                    watchdog = _Watchdog(loop, end)
                     try:
-                        async for batch in rest:
+                        while True:
+                            if watchdog.expired:
+                                raise ProviderError(ErrorKind.TIMEOUT, _total_timeout(call))
+                            watchdog.arm()
+                            try:
+                                batch = await anext(stream)
+                            except StopAsyncIteration:
+                                break
+                            except asyncio.CancelledError:
+                                if watchdog.caught():
+                                    raise ProviderError(ErrorKind.TIMEOUT, _total_timeout(call)) from None
+                                raise
+                            finally:
+                                watchdog.reading = False
                             last_t = loop.time()
+                            if backlog and len(batch) > backlog:
+                                batch = coalesce(batch, backlog)
                             if batch[-1].HasField("finish"):
                                 finish = self._complete(runtime, call, sent, batch)
                             for event in batch:
@@ -540,46 +641,33 @@ class Generation:
                             if finish is not None:
                                 break
                     finally:
-                        await rest.aclose()
+                        watchdog.close()
                 if finish is None:
                     raise ProviderError(ErrorKind.PROTOCOL, f"{provider.name} ended the stream without a finish")
             except ProviderError as err:
-                runtime.breaker.record(False)
+                await runtime.breaker.report(answer.permit, False)
                 tm.ATTEMPTS.labels(runtime.name, err.kind.value).inc()
                 interrupted, status = self._interrupted(runtime, call, sent, err)
-                await self._settle_deployment(reservation)
-                settled = True
                 yield interrupted
                 raise status from err
-            runtime.breaker.record(True)
+            await runtime.breaker.report(answer.permit, True)
             tm.ATTEMPTS.labels(runtime.name, "ok").inc()
             deltas = sum(1 for e in sent if e.WhichOneof("event") in _DELTAS)
             if deltas > 1:
                 tm.ITL.labels(runtime.name).observe((last_t - first_t) / (deltas - 1))
-            await self._settle_deployment(reservation)
-            settled = True
             if self.span.is_recording() or answer.span.is_recording():
                 self._span_done(answer.span, metadata, finish)
             if cache_key_ is not None and provider.is_llm:
                 ttl = self.request.routing.cache_ttl_s or self.settings.cache_ttl_s
                 await self._cache_put(cache_key_, [head_event, *sent], ttl)
         except (asyncio.CancelledError, GeneratorExit):
-            runtime.breaker.release()
+            runtime.breaker.release(answer.permit)
             raise
         finally:
             runtime.in_flight -= 1
             tm.IN_FLIGHT.labels(runtime.name).dec()
             answer.span.end()
             await stream.aclose()  # type: ignore[attr-defined] - closes the upstream HTTP stream
-            if not settled and reservation is not None:
-                self.svc.background(self._settle_deployment(reservation))
-
-    async def _settle_deployment(self, reservation: Reservation | None) -> None:
-        if reservation is not None and self.svc.admission is not None:
-            try:
-                await self.svc.admission.settle(reservation, self.used_tokens, 0.0)
-            except redis.RedisError as exc:
-                log.warning("could not reconcile a deployment reservation", extra={"fields": {"error": str(exc)}})
 
     def _output_tokens(self, runtime: Runtime, call: GenerationRequest,
                        events: list[llm_pb2.StreamGenerateResponse]) -> tuple[int, int]:
@@ -685,14 +773,21 @@ class Generation:
         skipped = []
         if skipped_open:
             skipped.append("circuit open: " + ", ".join(r.name for r in skipped_open))
-        if skipped_limited:
-            skipped.append("own rate limit reached: " + ", ".join(r.name for r, _ in skipped_limited))
+        own = [(r, f) for r, f in skipped_limited if f.violations[0].scope.kind == _DEPLOYMENT]
+        if own:
+            skipped.append("own rate limit reached: " + ", ".join(r.name for r, _ in own))
+        unaffordable = [(r, f) for r, f in skipped_limited if f.violations[0].scope.kind != _DEPLOYMENT]
+        if unaffordable:
+            skipped.append("budget cannot cover its worst-case cost: " + ", ".join(r.name for r, _ in unaffordable))
         if not errors:
+            # (A deployment is skipped for the budget only after an earlier one was admitted, and
+            # that one either failed — then `errors` is not empty — or was at its own limit.)
             if skipped_limited and not skipped_open:
                 waits = [r.retry_after_s for _, r in skipped_limited if r.retry_after_s is not None]
                 wait = min(waits) if waits else 60.0
+                limits = "its own rate limit" if not unaffordable else "its own rate limit or the caller's budget"
                 return StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"every deployment of {plan.alias!r} is at its own rate limit "
+                                   f"every deployment of {plan.alias!r} is at {limits} "
                                    f"({'; '.join(skipped)}); retry in {wait:.3g} s", [retry_info(wait)])
             waits = [r.breaker.retry_in_s() for r in skipped_open] + [
                 r.retry_after_s for _, r in skipped_limited if r.retry_after_s is not None]
@@ -732,66 +827,63 @@ class _Answer:
     attempts: int
     span: trace.Span
     notice: str
+    #: The breaker's permit for this call (reported with the stream's verdict).
+    permit: Permit
 
 
-async def _batches(stream: AsyncIterator[Batch], end: float, timeout_message: str) -> AsyncIterator[Batch]:
-    """The stream's batches as they come; ProviderError(TIMEOUT) past ``end`` (``loop.time()``)."""
-    while True:
-        try:
-            async with asyncio.timeout_at(end):
-                batch = await anext(stream)
-        except StopAsyncIteration:
-            return
-        except TimeoutError:
-            raise ProviderError(ErrorKind.TIMEOUT, timeout_message) from None
-        yield batch
+def _total_timeout(call: GenerationRequest) -> str:
+    return (f"the generation did not finish within {call.timeout_s:.3g} s (the deployment's total timeout, "
+            "AGENTMESH_LLM_TOTAL_TIMEOUT_S, or the caller's deadline)")
 
 
-_END = object()
+class _Watchdog:
+    """A stream's total timeout with one timer per stream instead of one per network read (an
+    ``asyncio.timeout`` per read cost ~3 µs, a tenth of the router's CPU per token in burst). When
+    it fires while the stream waits for the upstream (``reading``) it cancels that wait, as
+    ``asyncio.timeout`` does (:meth:`caught` tells its own cancellation from the caller's); when it
+    fires while the caller is being sent to, ``expired`` fails the next read at once."""
+
+    __slots__ = ("_base", "_cancelled", "_handle", "_task", "expired", "reading")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, end: float):
+        self._task: asyncio.Task | None = None
+        self._base = 0
+        self._cancelled = False
+        self.expired = False
+        self.reading = False
+        self._handle = loop.call_at(end, self._fire)
+
+    def arm(self) -> None:
+        """The stream is about to wait for the upstream (in the current task)."""
+        task = asyncio.current_task()
+        if task is not self._task:
+            self._task = task
+            self._base = task.cancelling() if task is not None else 0
+        self.reading = True
+
+    def _fire(self) -> None:
+        self.expired = True
+        if self.reading and self._task is not None:
+            self._cancelled = True
+            self._task.cancel()
+
+    def caught(self) -> bool:
+        """Whether the CancelledError being handled is the watchdog's (then it is consumed)."""
+        return self._cancelled and self._task is not None and self._task.uncancel() <= self._base
+
+    def close(self) -> None:
+        self._handle.cancel()
 
 
-async def _coalesced(stream: AsyncIterator[Batch], end: float, timeout_message: str) -> AsyncIterator[Batch]:
-    """Like :func:`_batches`, but a task reads the upstream while the caller is busy sending, and
-    everything that arrived in the meantime goes out as one batch with adjacent text deltas (and
-    argument fragments of the same tool call) merged. Nothing ever waits to be merged: an idle
-    stream passes each delta on at once; a saturated router sends fewer, larger messages
-    (``AGENTMESH_LLM_COALESCE_DELTAS``)."""
-    queue: asyncio.Queue = asyncio.Queue(maxsize=1024)  # bounded: a slow caller slows the upstream read
-
-    async def pump() -> None:
-        try:
-            async for batch in stream:
-                await queue.put(batch)
-        except ProviderError as err:
-            await queue.put(err)
-            return
-        await queue.put(_END)
-
-    task = asyncio.create_task(pump())
-    try:
-        while True:
-            try:
-                async with asyncio.timeout_at(end):
-                    item = await queue.get()
-            except TimeoutError:
-                raise ProviderError(ErrorKind.TIMEOUT, timeout_message) from None
-            events: list[llm_pb2.StreamGenerateResponse] = []
-            while isinstance(item, list):
-                events.extend(item)
-                if queue.empty():
-                    item = None
-                    break
-                item = queue.get_nowait()
-            if events:
-                yield merge_deltas(events)
-            if item is _END:
-                return
-            if isinstance(item, ProviderError):
-                raise item
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task  # the provider's generator is closed by the cancellation, in the pump task
+def coalesce(batch: Batch, backlog: int) -> Batch:
+    """``batch`` (events that arrived together) with its runs merged (:func:`merge_deltas`) when
+    it holds more than ``backlog`` text / tool-call deltas: the stream has fallen that far behind
+    its upstream (``AGENTMESH_LLM_COALESCE_BACKLOG``); otherwise unchanged."""
+    waiting = 0
+    for event in batch:
+        if event.WhichOneof("event") in _DELTAS:
+            waiting += 1
+    return merge_deltas(batch) if waiting > backlog else batch
 
 
 def merge_deltas(events: list[llm_pb2.StreamGenerateResponse]) -> Batch:

@@ -26,9 +26,10 @@ Strategies (``strategy`` of an alias):
 - ``lowest_cost``: lowest estimated cost of this request (prompt tokens × input price +
   ``max_tokens`` × output price) first.
 
-In-flight counts, latency averages and circuit breakers are per router replica (like Envoy's
-outlier detection): they describe what this replica sees. Limits that must hold across replicas
-live in Redis (:mod:`.admission`).
+In-flight counts and latency averages are per router replica (like Envoy's outlier detection):
+they describe what this replica sees. Circuit breakers are per replica without Redis, and shared
+by all replicas with it (:mod:`.breakers`). Limits that must hold across replicas live in Redis
+(:mod:`.admission`).
 """
 
 from __future__ import annotations
@@ -39,11 +40,15 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from agentmesh.llm.v1 import llm_pb2
 from agentmesh.services.llm.catalogue import EXTRACTIVE, Catalogue, CircuitBreakerConfig, DeploymentConfig, ModelConfig
 from agentmesh.services.llm.counting import Tokenizer
 from agentmesh.services.llm.providers.base import Provider
+
+if TYPE_CHECKING:
+    from agentmesh.services.llm.breakers import SharedCircuitBreaker
 
 #: Weight of the newest time-to-first-token sample in the moving average.
 TTFT_EWMA_ALPHA = 0.2
@@ -106,9 +111,22 @@ class CircuitBreaker:
             return True
         return False
 
-    def release(self) -> None:
+    def release(self, permit: object = True) -> None:
         """The allowed call ended without a verdict (cancelled, refused before sending)."""
         self._probing = False
+
+    # The interface the pipeline uses, shared with :class:`.breakers.SharedCircuitBreaker`.
+
+    async def acquire(self, lease_s: float = 0.0) -> bool:
+        """:meth:`allow` (the permit to pass to :meth:`report` / :meth:`release`)."""
+        return self.allow()
+
+    async def report(self, permit: object, success: bool) -> None:
+        """:meth:`record`."""
+        self.record(success)
+
+    async def refresh(self) -> None:
+        """Nothing to refresh: the state is this replica's own."""
 
     def record(self, success: bool) -> None:
         """The verdict of an allowed call."""
@@ -150,7 +168,8 @@ class CircuitBreaker:
 class Runtime:
     """A deployment with its provider client and live state on this replica."""
 
-    def __init__(self, config: DeploymentConfig, provider: Provider, breaker: CircuitBreaker, tokenizer: Tokenizer):
+    def __init__(self, config: DeploymentConfig, provider: Provider, breaker: CircuitBreaker | SharedCircuitBreaker,
+                 tokenizer: Tokenizer):
         self.config = config
         self.provider = provider
         self.breaker = breaker

@@ -41,6 +41,7 @@ from agentmesh.services.llm import catalogue as cat
 from agentmesh.services.llm import telemetry as tm
 from agentmesh.services.llm.admission import Admission, Scope
 from agentmesh.services.llm.admission import period as budget_period
+from agentmesh.services.llm.breakers import BreakerStore, SharedCircuitBreaker
 from agentmesh.services.llm.cache import ResponseCache
 from agentmesh.services.llm.counting import Tokenizers
 from agentmesh.services.llm.pipeline import (
@@ -127,9 +128,10 @@ class LLMSettings(ServiceSettings):
     max_retry_after_s: float = Field(
         10.0, ge=0, description="A provider's retry-after longer than this fails over instead of waiting, in seconds."
     )
-    coalesce_deltas: bool = Field(
-        False, description="Merge the deltas that queued up while the previous message was being sent into one "
-        "message (fewer, larger messages once the router is saturated; the text is unchanged).",
+    coalesce_backlog: int = Field(
+        32, ge=0, description="When more than this many text / tool-call deltas of a stream are waiting to be sent "
+        "at once (it fell behind its upstream), they go out merged: each run of text, and each run of one tool "
+        "call's argument fragments, as one message (the text is unchanged). 0 = never merge.",
     )
     redis_url: str = Field(
         "", validation_alias=AliasChoices("AGENTMESH_LLM_REDIS_URL", "REDIS_URL"),
@@ -138,6 +140,14 @@ class LLMSettings(ServiceSettings):
     redis_prefix: str = Field("agentmesh:llm", min_length=1, description="Prefix of the router's Redis keys.")
     admission_fail_open: bool = Field(
         False, description="Admit requests when Redis is unreachable (default: refuse them with UNAVAILABLE)."
+    )
+    shared_breakers: bool = Field(
+        True, description="With Redis: every replica shares each deployment's circuit breaker (else each replica "
+        "keeps its own).",
+    )
+    breaker_sync_s: float = Field(
+        1.0, gt=0, le=60, description="How stale a replica's view of a shared circuit breaker may get, in seconds "
+        "(its own failures refresh it at once).",
     )
     cache_ttl_s: int = Field(3600, ge=1, le=MAX_CACHE_TTL_S, description="Default lifetime of a cache entry, in s.")
     cache_max_bytes: int = Field(1 << 20, ge=1024, description="Largest answer stored in the cache, in bytes.")
@@ -242,6 +252,7 @@ class LLMService(Service, llm_pb2_grpc.LLMServiceServicer):
         self.redis: aioredis.Redis | None = None
         self.admission: Admission | None = None
         self.cache: ResponseCache | None = None
+        self.breakers: BreakerStore | None = None
         self._retired: list[Runtime] = []
         self._tasks: set[asyncio.Task] = set()
         self._watcher: asyncio.Task | None = None
@@ -283,6 +294,8 @@ class LLMService(Service, llm_pb2_grpc.LLMServiceServicer):
                                                  health_check_interval=30)
             self.admission = Admission(self.redis, self.settings.redis_prefix)
             self.cache = ResponseCache(self.redis, self.settings.redis_prefix, self.settings.cache_max_bytes)
+            if self.settings.shared_breakers:
+                self.breakers = BreakerStore(self.redis, self.settings.redis_prefix)
         await self._install(catalogue, from_env)
         if self.settings.catalogue:
             self._stamp = _stamp(self.settings.catalogue)
@@ -304,7 +317,13 @@ class LLMService(Service, llm_pb2_grpc.LLMServiceServicer):
             if previous is not None and previous.config == config:
                 runtimes[config.name] = previous
                 continue
-            breaker = CircuitBreaker(config.circuit_breaker or catalogue.circuit_breaker, tm.circuit_listener(config.name))
+            rules = config.circuit_breaker or catalogue.circuit_breaker
+            breaker: CircuitBreaker | SharedCircuitBreaker
+            if self.breakers is not None:
+                breaker = SharedCircuitBreaker(config.name, rules, self.breakers, sync_s=self.settings.breaker_sync_s,
+                                               spawn=self.background, on_change=tm.circuit_listener(config.name))
+            else:
+                breaker = CircuitBreaker(rules, tm.circuit_listener(config.name))
             provider = build_provider(config, self.settings)
             runtimes[config.name] = Runtime(config, provider, breaker,
                                             self.tokenizers.for_model(config.provider, provider.model))
@@ -423,6 +442,7 @@ class LLMService(Service, llm_pb2_grpc.LLMServiceServicer):
         the extractive provider."""
         state = self.current()
         default = state.catalogue.default_alias
+        await asyncio.gather(*(runtime.breaker.refresh() for runtime in state.runtimes.values()))
         models = []
         for alias, config in state.catalogue.models.items():
             deployments = [self._describe(state.runtimes[d.name]) for d in config.deployments]

@@ -11,8 +11,8 @@ Metrics (all prefixed ``agentmesh_llm_``; ``deployment`` is the catalogue name):
 | ``tokens_total`` | counter | deployment, type | ``input`` / ``output`` tokens of finished (and cut) generations |
 | ``cost_usd_total`` | counter | deployment | USD at catalogue prices |
 | ``retries_total`` | counter | deployment, reason | retries on the same deployment |
-| ``failovers_total`` | counter | deployment, reason | a deployment given up for the next candidate before the first token |
-| ``circuit_state`` | gauge | deployment | 0 closed, 1 half-open, 2 open |
+| ``failovers_total`` | counter | deployment, reason | a deployment given up for the next candidate before the first token: the failure kind, ``circuit_open``, ``deployment_limit`` (its own RPM/TPM) or ``budget`` (the caller's budget cannot cover its worst case) |
+| ``circuit_state`` | gauge | deployment | 0 closed, 1 half-open, 2 open (as this replica sees a shared breaker) |
 | ``in_flight`` | gauge | deployment | upstream calls in progress on this replica |
 | ``streams_interrupted_total`` | counter | deployment | streams cut after their first delta |
 | ``admission_rejections_total`` | counter | scope, limit | refusals (scope ``tenant`` / ``api_key`` / ``deployment``; limit ``rpm`` / ``tpm`` / ``budget``) |

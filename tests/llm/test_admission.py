@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 
 import grpc
 import pytest
@@ -77,7 +78,10 @@ async def test_tpm_reserves_max_tokens_refuses_with_retry_info_and_reconciles(tm
         # Two slow calls at once reserve 2 x (prompt + 200) tokens; a third does not fit in 500.
         first = asyncio.create_task(call(stub, request(max_tokens=200), with_tenant("acme")))
         second = asyncio.create_task(call(stub, request(max_tokens=200), with_tenant("acme")))
-        await asyncio.sleep(0.3)
+        for _ in range(200):  # both admitted once both reached the provider (slow first tokens: still open)
+            if len(fake.requests) == 2:
+                break
+            await asyncio.sleep(0.02)
         events, refused = await call(stub, request(max_tokens=200), with_tenant("acme"))
         assert events == [] and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "tenant 'acme' reached its limit of 500 tokens per minute" in refused.details()
@@ -179,18 +183,62 @@ async def test_admission_script_is_exact_over_the_window(redis_settings):
     client = aioredis.Redis.from_url(redis_settings["redis_url"])
     admission = Admission(client, redis_settings["redis_prefix"])
     scope = Scope("tenant", "exact", LimitConfig(tpm=100, rpm=5))
-    first = await admission.admit([scope], 60)
-    second = await admission.admit([scope], 40)
+    first = (await admission.admit([scope], 60)).reservation
+    second = (await admission.admit([scope], 40)).reservation
     third = await admission.admit([scope], 1)
     assert isinstance(first, Reservation) and isinstance(second, Reservation)
-    assert isinstance(third, Refusal) and third.violations[0][1] == "tpm" and 59 < third.retry_after_s <= 60
+    assert third.reservation is None and third.refusal.violations[0].limit == "tpm"
+    assert 59 < third.refusal.retry_after_s <= 60
     await admission.settle(first, 10, 0.0)
     await admission.settle(first, 0, 0.0)  # settling twice has no effect
-    fourth = await admission.admit([scope], 50)
-    assert isinstance(fourth, Reservation)  # 10 + 40 + 50 = 100
-    assert isinstance(await admission.admit([scope], 1), Refusal)
+    assert (await admission.admit([scope], 50)).reservation is not None  # 10 + 40 + 50 = 100
+    assert (await admission.admit([scope], 1)).reservation is None
     too_big = await admission.admit([scope], 101)
-    assert isinstance(too_big, Refusal) and too_big.too_large
+    assert too_big.reservation is None and too_big.refusal.too_large
+    # 0 tokens (a cache hit) still count as a request: 3 were admitted, 2 more fit in 5 per minute.
+    for _ in range(2):
+        assert (await admission.admit([scope], 0)).reservation is not None
+    rpm = await admission.admit([scope], 0)
+    assert rpm.reservation is None and [v.limit for v in rpm.refusal.violations] == ["rpm"]
+    await client.aclose()
+
+
+async def test_budget_holds_are_exact_and_optional_scopes_refuse_alone(redis_settings):
+    """Direct script check of budget holds: spend + holds never pass the budget; a hold is raised
+    under the same reservation only by the difference; settle releases it and books the cost."""
+    client = aioredis.Redis.from_url(redis_settings["redis_url"])
+    admission = Admission(client, redis_settings["redis_prefix"])
+    tenant = Scope("tenant", "hold", LimitConfig(budget_usd=0.01, budget_period="day"))
+    deployment = Scope("deployment", "tiny", LimitConfig(rpm=1))
+    a = await admission.admit([tenant], 10, hold_usd=0.004, optional=[deployment])
+    assert a.reservation is not None and a.refusal is None and a.reservation.held_usd == pytest.approx(0.004)
+    assert await admission.held(tenant) == pytest.approx(0.004)
+    # The deployment's own RPM (1) is used up: only it refuses, the tenant scope is admitted.
+    b = await admission.admit([tenant], 10, hold_usd=0.004, optional=[deployment])
+    assert b.reservation is not None and [v.scope.kind for v in b.refusal.violations] == ["deployment"]
+    assert list(b.reservation.scopes) == ["t:hold"]
+    # 0.004 + 0.004 held: a third worst case of 0.004 does not fit in 0.01; the refusal says why.
+    c = await admission.admit([tenant], 10, hold_usd=0.004)
+    assert c.reservation is None
+    (v,) = c.refusal.violations
+    assert (v.limit, v.spent_usd, v.held_usd) == ("budget", 0.0, pytest.approx(0.008))
+    assert c.refusal.retry_after_s == 1.0  # only the holds of calls in flight stand in the way
+    # Raising a's hold to 0.006 checks only the difference: 0.006 + 0.004 = 0.01 fits exactly.
+    raised = await admission.admit([tenant], 10, hold_usd=0.006, reservation=a.reservation)
+    assert raised.reservation is a.reservation and a.reservation.held_usd == pytest.approx(0.006)
+    assert await admission.held(tenant) == pytest.approx(0.010)
+    assert (await admission.admit([tenant], 10, hold_usd=0.007, reservation=b.reservation)).reservation is None
+    # Settling releases the hold and books the real cost.
+    await admission.settle(a.reservation, 30, 0.001)
+    assert await admission.held(tenant) == pytest.approx(0.004)
+    assert await admission.spent(tenant) == pytest.approx(0.001)
+    # A worst case above the whole budget can never be admitted.
+    huge = await admission.admit([tenant], 10, hold_usd=0.02)
+    assert huge.reservation is None and huge.refusal.too_large
+    # Spend + holds leave 0.005: 0.006 is refused until the period ends (no hold is in the way alone).
+    await admission.settle(b.reservation, 30, 0.0)
+    late = await admission.admit([tenant], 10, hold_usd=0.0095)
+    assert late.reservation is None and 0 < late.refusal.retry_after_s <= 86_400
     await client.aclose()
 
 
@@ -204,3 +252,40 @@ async def test_every_deployment_at_its_own_limit_is_resource_exhausted(tmp_path,
     assert "every deployment of 'chat' is at its own rate limit (own rate limit reached: only)" in refused.details()
     assert 55 < details(refused)[0] <= 60
     assert len(fake.requests) == 1
+
+
+async def test_a_failover_to_a_pricier_deployment_raises_the_hold_or_skips_it(tmp_path, redis_settings):
+    with FakeOpenAIServer(api_key="sk-test") as cheap, FakeOpenAIServer(api_key="sk-test") as pricey:
+        catalogue = {"models": {"chat": {"deployments": [
+            openai_deployment("cheap", cheap, input_usd_per_mtok=1.0, output_usd_per_mtok=1.0),
+            openai_deployment("pricey", pricey, input_usd_per_mtok=100.0, output_usd_per_mtok=100.0)]}},
+            "limits": {"tenants": {"acme": {"budget_usd": 0.05, "budget_period": "day"},
+                                   "tight": {"budget_usd": 0.01, "budget_period": "day"}}}}
+        cheap.enqueue({"status": 500}, {"status": 500})
+        pricey.enqueue({"text": "pricey answer", "first_token_delay_s": 0.6, "usage": {"input_tokens": 10,
+                                                                                      "output_tokens": 5}})
+        client = aioredis.Redis.from_url(redis_settings["redis_url"])
+        prefix = redis_settings["redis_prefix"]
+        async with catalogue_router(tmp_path / "c.yaml", catalogue, fallback_to_extractive=False,
+                                    **redis_settings) as stub:
+            prompt = (await stub.CountTokens(llm_pb2.CountTokensRequest(model="chat", messages=[user("hello there")]),
+                                             timeout=5)).input_tokens
+            # cheap fails before answering; pricey's worst case (prompt + 200 at $100 / Mtok) is held first.
+            task = asyncio.create_task(call(stub, request(max_tokens=200), with_tenant("acme")))
+            await asyncio.sleep(0.35)
+            held = int(await client.get(f"{prefix}:{{adm}}:t:acme:hold:sum")) / 1e9
+            events, err = await task
+            assert err is None and events[0].metadata.deployment == "pricey"
+            assert held == pytest.approx((prompt + 200) * 100 / 1e6, rel=0.05)
+            assert events[-1].finish.cost_usd == pytest.approx(15 * 100 / 1e6)
+            # A tenant whose whole budget is below pricey's worst case never reaches it.
+            events, err = await call(stub, request(max_tokens=200), with_tenant("tight"))
+        day = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+        spent = float(await client.get(f"{prefix}:{{adm}}:t:acme:spend:{day}"))
+        holds = [await client.get(f"{prefix}:{{adm}}:t:{t}:hold:sum") for t in ("acme", "tight")]
+        await client.aclose()
+    assert spent == pytest.approx(15 * 100 / 1e6) and [int(h or 0) for h in holds] == [0, 0]
+    assert err.code() == grpc.StatusCode.UNAVAILABLE and events == []
+    assert "cheap (openai): HTTP 500" in err.details()
+    assert "skipped — budget cannot cover its worst-case cost: pricey" in err.details()
+    assert len(pricey.requests) == 1 and len(cheap.requests) == 2

@@ -98,3 +98,30 @@ def test_cache_key_normalizes_struct_order_and_separates_requests():
     assert a != cache_key("p", "t", "other", gen({"x": 1, "y": "z"}))
     assert a != cache_key("p", "t", "chat", gen({"x": 1, "y": "z"}, temperature=0.3))
     assert a != cache_key("p", "t", "chat", gen({"x": 1, "y": "z"}, tenant_messages="q2"))
+
+
+async def test_a_hit_counts_against_rpm_but_not_tpm_nor_the_deployment(tmp_path, openai_fake, redis_settings):
+    import redis.asyncio as aioredis
+
+    openai_fake.enqueue({"text": "cached answer", "usage": {"input_tokens": 40, "output_tokens": 12}})
+    catalogue = {"models": {"chat": {"deployments": [openai_deployment("primary", openai_fake, rpm=1, tpm=5000)]}},
+                 "limits": {"tenants": {"acme": {"rpm": 3, "tpm": 1000}}}}
+    acme = (("x-tenant-id", "acme"),)
+    async with catalogue_router(tmp_path / "c.yaml", catalogue, **redis_settings) as stub:
+        answers = [[e async for e in stub.StreamGenerate(cached("Cache me."), metadata=acme, timeout=10)]
+                   for _ in range(3)]
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            [e async for e in stub.StreamGenerate(cached("Cache me."), metadata=acme, timeout=10)]
+    assert [a[0].metadata.cached for a in answers] == [False, True, True]
+    # The two hits were requests (the tenant's 3 per minute are used up) ...
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "tenant 'acme' reached its limit of 3 requests per minute" in refused.value.details()
+    # ... but used no upstream tokens and did not touch the deployment's own RPM (1) or TPM.
+    client = aioredis.Redis.from_url(redis_settings["redis_url"])
+    prefix = f"{redis_settings['redis_prefix']}:{{adm}}"
+    tenant_tpm = int(await client.get(f"{prefix}:t:acme:tpm:sum"))
+    deployment_rpm = await client.zcard(f"{prefix}:d:primary:rpm")
+    deployment_tpm = int(await client.get(f"{prefix}:d:primary:tpm:sum"))
+    await client.aclose()
+    assert tenant_tpm == deployment_tpm == 52 and deployment_rpm == 1
+    assert len(openai_fake.requests) == 1

@@ -272,6 +272,18 @@ async def test_caller_deadline_bounds_the_provider_call(openai_fake, client):
     assert await asyncio.to_thread(openai_fake.wait_for_outcome, 0, 6.0) == "client_disconnected"
 
 
+async def test_total_timeout_after_the_first_delta_cuts_the_stream_with_its_usage(openai_fake):
+    openai_fake.enqueue({"text": "one two three four five six", "chunk_delay_s": 0.4})
+    async with openai_router(openai_fake, total_timeout_s=1.0) as stub:
+        result = await stream(stub, llm_pb2.StreamGenerateRequest(messages=[user("count")]))
+    kinds = result.kinds()
+    assert kinds[0] == "metadata" and kinds[-1] == "interrupted" and 2 <= kinds.count("text_delta") <= 4
+    assert result.error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "did not finish within 1 s" in result.error.details()
+    assert result.events[-1].interrupted.sent_deltas == kinds.count("text_delta")
+    assert await asyncio.to_thread(openai_fake.wait_for_outcome, 0, 6.0) == "client_disconnected"
+
+
 async def test_cancelling_the_call_closes_the_provider_stream(openai_fake):
     words = " ".join(f"w{i}" for i in range(60))
     openai_fake.enqueue({"text": words, "chunk_delay_s": 0.1})

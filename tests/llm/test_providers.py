@@ -135,22 +135,26 @@ def test_merge_deltas_joins_runs_and_keeps_the_text():
     assert merged[3].text_delta.text == "c"
 
 
-async def test_coalescing_sends_fewer_messages_with_the_same_text():
+async def test_deltas_are_merged_only_when_more_than_the_backlog_wait_at_once():
     from tests.fakes.streaming_server import FastOpenAIServer
     from tests.llm.support import router
 
-    fake = await FastOpenAIServer(tokens=300).start()
+    # Both fakes write the whole answer at once: its deltas reach the router together.
+    long, short = await FastOpenAIServer(tokens=300).start(), await FastOpenAIServer(tokens=20).start()
     request = llm_pb2.StreamGenerateRequest(messages=[user("go")])
+    deltas: dict[tuple[int, int], int] = {}
     try:
-        results = {}
-        for coalesce in (False, True):
-            async with router(provider="openai", openai_base_url=fake.base_url, coalesce_deltas=coalesce) as stub:
-                results[coalesce] = await _events(stub, request)
+        for backlog in (0, 8, 32):
+            for fake in (long, short):
+                async with router(provider="openai", openai_base_url=fake.base_url, coalesce_backlog=backlog) as stub:
+                    events = await _events(stub, request)
+                text = "".join(e.text_delta.text for e in events if e.HasField("text_delta"))
+                assert text == " ".join(f"w{i}" for i in range(fake.tokens))  # merged or not, the same text
+                assert events[-1].finish.usage.output_tokens == fake.tokens
+                deltas[backlog, fake.tokens] = sum(e.HasField("text_delta") for e in events)
     finally:
-        await fake.stop()
-    expected = " ".join(f"w{i}" for i in range(300))
-    for events in results.values():
-        assert "".join(e.text_delta.text for e in events if e.HasField("text_delta")) == expected
-        assert events[-1].finish.usage.output_tokens == 300
-    deltas = {k: sum(e.HasField("text_delta") for e in v) for k, v in results.items()}
-    assert deltas[False] == 300 and deltas[True] < 300
+        await long.stop()
+        await short.stop()
+    assert deltas[0, 300] == 300 and deltas[0, 20] == 20  # 0: never merged
+    assert deltas[32, 20] == 20  # an answer of at most `backlog` deltas is never merged, however fast it came
+    assert deltas[32, 300] < 300 and deltas[8, 20] < 20  # more than `backlog` waiting: merged

@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import httpx
+import orjson
 
 from agentmesh.services.llm.providers.base import (
     ErrorKind,
@@ -166,7 +167,7 @@ class LeanTransport:
         if query:
             path += "?" + query
         host = target.hostname if target.port is None else f"{target.hostname}:{target.port}"
-        payload = json.dumps(body, separators=(",", ":")).encode()
+        payload = orjson.dumps(body)
         lines = [f"POST {path} HTTP/1.1", f"host: {host}", "content-type: application/json",
                  "accept: text/event-stream", "accept-encoding: identity", f"content-length: {len(payload)}",
                  "user-agent: agentmesh-llm"]
