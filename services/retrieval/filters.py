@@ -31,6 +31,7 @@ from collections.abc import Sequence
 
 from agentmesh.retrieval.v1 import retrieval_pb2
 from agentmesh.services.runtime.errors import ServiceError, invalid_argument
+from agentmesh.services.runtime.milvus_expr import quote
 
 MAX_CONDITIONS = 16
 MAX_IN_VALUES = 100
@@ -55,30 +56,6 @@ _COMPARE = {
 }
 _SET = (retrieval_pb2.FILTER_OPERATOR_IN, retrieval_pb2.FILTER_OPERATOR_NOT_IN)
 _PRESENCE = (retrieval_pb2.FILTER_OPERATOR_EXISTS, retrieval_pb2.FILTER_OPERATOR_NOT_EXISTS)
-
-
-def quote(value: str) -> str:
-    """``value`` as a double-quoted Milvus filter string literal.
-
-    Escapes backslash, double quote, and ``\\n``/``\\r``/``\\t`` (the escapes both Milvus' and
-    Milvus Lite's expression parsers accept). Raises ``ValueError`` for other control characters,
-    which no literal can carry; callers validate values before they get here.
-    """
-    out = []
-    for ch in value:
-        if ch in '\\"':
-            out.append("\\" + ch)
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\r":
-            out.append("\\r")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            raise ValueError(f"control character {ch!r} cannot appear in a filter value")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
 
 
 def _operator_name(op: int) -> str:

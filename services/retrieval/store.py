@@ -80,9 +80,9 @@ from pymilvus.exceptions import MilvusException
 
 from agentmesh.retrieval.v1 import retrieval_pb2
 from agentmesh.services.retrieval.chunking import TextChunk
-from agentmesh.services.retrieval.filters import quote
 from agentmesh.services.runtime.context import current_tenant
 from agentmesh.services.runtime.errors import ServiceError
+from agentmesh.services.runtime.milvus_expr import quote
 
 __all__ = ["MilvusStore", "ChunkingSettings", "PreparedDocument", "WriteResult", "Hit", "quote", "chunk_id",
            "content_hash"]
