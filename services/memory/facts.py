@@ -21,7 +21,7 @@ embedding           FLOAT_VECTOR(dim)          L2-normalized embedding of ``text
 ==================  =========================  ==================================================
 
 Tenancy: every filter is built here and starts with ``tenant == <tenant> and user_id == <user>``,
-values quoted with :func:`agentmesh.services.retrieval.store.quote`.
+values quoted with :func:`agentmesh.services.runtime.milvus_expr.quote`.
 
 Deduplication (:meth:`FactStore.remember`): a fact whose normalized text (lower case, spaces
 collapsed, trailing ``.!;`` dropped) hashes like a stored one of the same user is an exact
@@ -58,6 +58,7 @@ import numpy as np
 
 from agentmesh.memory.v1 import memory_pb2
 from agentmesh.services.runtime.errors import ServiceError
+from agentmesh.services.runtime.milvus_expr import quote
 
 if TYPE_CHECKING:
     from pymilvus import MilvusClient
@@ -86,14 +87,6 @@ def normalize(text: str) -> str:
 
 def text_hash(tenant: str, user: str, text: str) -> str:
     return hashlib.sha256(f"{tenant}\x00{user}\x00{normalize(text)}".encode()).hexdigest()
-
-
-def quote(value: str) -> str:
-    """``value`` as a Milvus filter string literal (the retrieval service's quoting, imported when
-    needed: its module loads pymilvus)."""
-    from agentmesh.services.retrieval.store import quote as milvus_quote  # noqa: PLC0415
-
-    return milvus_quote(value)
 
 
 def _redact(uri: str) -> str:
@@ -346,16 +339,12 @@ class FactStore:
         """Delete every fact of (tenant, user); returns how many there were."""
         return await self._write(self._delete_user_blocking, tenant, user)
 
-    def _remove_session_blocking(self, client: MilvusClient, tenant: str, user: str, session: str,
-                                 message_prefix: str | None) -> tuple[int, int]:
+    def _prune_blocking(self, client: MilvusClient, tenant: str, user: str, session: str,
+                        gone: Callable[[str], bool]) -> tuple[int, int]:
         expr = f"{self._scope(tenant, user)} and array_contains(session_ids, {quote(session)})"
         deleted = updated = 0
         for row in self._query(client, expr, [*_FIELDS, "embedding"]):
-            keep = [
-                s for s in row["sources"]
-                if s["session_id"] != session
-                or (message_prefix is not None and not s["message_id"].startswith(message_prefix))
-            ]
+            keep = [s for s in row["sources"] if s["session_id"] != session or not gone(s["message_id"])]
             if len(keep) == len(row["sources"]):
                 continue
             if not keep:
@@ -369,12 +358,22 @@ class FactStore:
                 updated += 1
         return deleted, updated
 
+    async def prune_sources(self, tenant: str, user: str, session: str,
+                            gone: Callable[[str], bool]) -> tuple[int, int]:
+        """Drop from the user's facts the sources of ``session`` whose message id ``gone``
+        selects; a fact left without any source is deleted, one that keeps a source (another
+        message, another session, or a source naming no message) is updated. Returns (facts
+        deleted, facts updated)."""
+        return await self._write(self._prune_blocking, tenant, user, session, gone)
+
     async def remove_session(self, tenant: str, user: str, session: str,
                              message_prefix: str | None = None) -> tuple[int, int]:
         """Drop ``session`` from the sources of the user's facts (only sources whose message id
         starts with ``message_prefix`` when given); a fact left without sources is deleted.
         Returns (facts deleted, facts updated)."""
-        return await self._write(self._remove_session_blocking, tenant, user, session, message_prefix)
+        if message_prefix is None:
+            return await self.prune_sources(tenant, user, session, lambda _message_id: True)
+        return await self.prune_sources(tenant, user, session, lambda message_id: message_id.startswith(message_prefix))
 
     # -- reads ----------------------------------------------------------------------------------
 

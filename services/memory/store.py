@@ -34,6 +34,7 @@ import hashlib
 import re
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -47,10 +48,11 @@ from google.protobuf.message import DecodeError
 from agentmesh.common.v1 import common_pb2
 from agentmesh.memory.v1 import memory_pb2
 from agentmesh.services.memory import lua
+from agentmesh.services.memory.cache import CachedWindow, ContextCache, decode_frame, frame
 from agentmesh.services.memory.watch import SessionEvents
 from agentmesh.services.runtime.context import TENANT_PATTERN, remaining_s
 from agentmesh.services.runtime.errors import ServiceError, invalid_argument, unavailable
-from agentmesh.services.runtime.tokens import TokenCounter
+from agentmesh.services.runtime.tokens import TOKENIZERS, CounterChoice, TokenCounter
 
 SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 USER_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:@+-]{1,128}$")
@@ -62,6 +64,10 @@ KNOWN_ROLES = frozenset(v for v in common_pb2.Role.values() if v != common_pb2.R
 #: Appends whose text is shorter than this are tokenized on the event loop (a thread hop costs
 #: more than tokenizing a few kB); longer ones in a worker thread.
 _INLINE_TOKENIZE_CHARS = 16 * 1024
+#: Pinned-message and summary counts kept per process for reads in another tokenizer.
+_SIDE_COUNTS = 4096
+#: Attempts of a read in another tokenizer when the session is deleted and created again under it.
+_RECOUNT_ATTEMPTS = 3
 #: Most messages ListMessages returns at once.
 MAX_LIST_LIMIT = 1000
 DEFAULT_LIST_LIMIT = 100
@@ -129,8 +135,32 @@ class SessionRef:
         return f"{self.base}:events"
 
     @property
+    def index_prefix(self) -> str:
+        """Retention index members of this session are this plus the incarnation (see lua.py)."""
+        return f"{self.tenant}/{self.user}/{self.session}/"
+
+    @property
     def lock_key(self) -> str:
         return f"{self.base}:lock"
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """A retention index member: one incarnation of one session (see lua.py)."""
+
+    ref: SessionRef
+    incarnation: str
+
+    @classmethod
+    def parse(cls, member: str, prefix: str) -> IndexEntry:
+        """ValueError (or INVALID_ARGUMENT for a bad part) unless ``member`` is
+        ``<tenant>/<user>/<session>/<incarnation>``."""
+        tenant, user, session, incarnation = member.split("/")
+        return cls(SessionRef.of(tenant, user, session, prefix), incarnation)
+
+    @property
+    def member(self) -> str:
+        return self.ref.index_prefix + self.incarnation
 
 
 def validate_tenant(tenant: str) -> None:
@@ -253,22 +283,6 @@ class AppendResult:
 
 
 @dataclass
-class ContextWindow:
-    """What :meth:`SessionStore.get_context` returns."""
-
-    #: Pinned messages, the summary message (when included), then the recent messages.
-    messages: list[common_pb2.Message] = field(default_factory=list)
-    tokens_used: int = 0
-    version: int = 0
-    messages_omitted: int = 0
-    pinned_messages: int = 0
-    summary_included: bool = False
-    summary_through_sequence: int = 0
-    first_sequence: int = 0
-    message_ids: list[str] = field(default_factory=list)
-
-
-@dataclass
 class MessageRange:
     """What :meth:`SessionStore.list_messages` returns."""
 
@@ -306,9 +320,12 @@ class SessionState:
 class SessionStore:
     """Sessions of every tenant and user in one Redis database (see the module docstring).
 
+    ``counter``: the tokenizer of the stored counts; its ``name`` is recorded with each session
+    (``enc``, lua.py) and GetContext in that tokenizer walks them in Redis.
     ``page_size``: token counts read per LRANGE while GetContext walks back from the newest
-    message. ``events``: the notification hub used to wait for a version (read-your-writes) and
-    by WatchSession; ``read_wait_s``: longest such wait, in seconds.
+    message (messages per read when the service counts itself). ``events``: the notification hub used to wait for a version (read-your-writes) and
+    by WatchSession; ``read_wait_s``: longest such wait, in seconds. ``cache``: the recent messages
+    this process returned (cache.py; a default-sized one when not given).
     """
 
     def __init__(
@@ -323,6 +340,8 @@ class SessionStore:
         key_prefix: str = "agentmesh",
         page_size: int = 64,
         read_wait_s: float = 2.0,
+        cache: ContextCache | None = None,
+        track_retention: bool = False,
     ):
         if page_size < 1:
             raise ValueError("page_size must be at least 1")
@@ -335,13 +354,23 @@ class SessionStore:
         self.key_prefix = key_prefix
         self.page_size = page_size
         self.read_wait_s = read_wait_s
+        self.cache = cache if cache is not None else ContextCache()
         self._append = redis.register_script(lua.APPEND)
         self._get_context = redis.register_script(lua.GET_CONTEXT)
+        self._context_head = redis.register_script(lua.CONTEXT_HEAD)
+        #: (tokenizer, digest of a pinned message or summary) -> its tokens, for reads in another
+        #: tokenizer than ``counter`` (least recently used first out).
+        self._side_counts: OrderedDict[tuple[str, bytes], int] = OrderedDict()
         self._list = redis.register_script(lua.LIST)
         self._set_pinned = redis.register_script(lua.SET_PINNED)
         self._set_retention = redis.register_script(lua.SET_RETENTION)
         self._delete = redis.register_script(lua.DELETE)
         self._write_summary = redis.register_script(lua.WRITE_SUMMARY)
+        self._claim = redis.register_script(lua.CLAIM)
+        self._pruned = redis.register_script(lua.PRUNED)
+        #: The retention index (lua.py); written only when ``track_retention``.
+        self.index_key = f"{key_prefix}:retention"
+        self.track_retention = track_retention
 
     def ref(self, tenant: str, user: str, session: str) -> SessionRef:
         """The validated scope of a session (INVALID_ARGUMENT for a bad part)."""
@@ -353,11 +382,15 @@ class SessionStore:
 
     # -- writes ---------------------------------------------------------------------------------
 
-    async def count_tokens(self, messages: Sequence[common_pb2.Message]) -> list[int]:
-        """Tokens of each message with the store's counter (in a thread for long texts)."""
+    async def count_tokens(
+        self, messages: Sequence[common_pb2.Message], counter: TokenCounter | None = None
+    ) -> list[int]:
+        """Tokens of each message with ``counter`` (default: the store's, the one of the stored
+        counts), in a thread for long texts."""
+        counter = counter or self.counter
         if sum(len(m.content) for m in messages) < _INLINE_TOKENIZE_CHARS:
-            return self.counter.count_messages(messages)
-        return await asyncio.to_thread(self.counter.count_messages, messages)
+            return counter.count_messages(messages)
+        return await asyncio.to_thread(counter.count_messages, messages)
 
     async def append(
         self, ref: SessionRef, messages: Sequence[common_pb2.Message], idempotency_key: str = ""
@@ -398,8 +431,10 @@ class SessionStore:
             len(blobs),
             *blobs,
             *tokens,
+            *self._track(ref),
+            self.counter.name,
         ]
-        reply = await self._call(lambda: self._append(keys=ref.keys, args=argv), retry=False)
+        reply = await self._call(lambda: self._append(keys=self._write_keys(ref), args=argv), retry=False)
         if reply[0] == b"replay":
             stored_hash, first, version, inc = reply[1].decode().split("|")
             if stored_hash != request_hash:
@@ -433,8 +468,9 @@ class SessionStore:
             raise invalid_argument(
                 f"pinned messages take {tokens} tokens; the limit is {self.limits.max_pinned_tokens}"
             )
-        argv = [_now_ms(), secrets.token_hex(8), self.retention.ttl_s, tokens, len(blobs), *blobs]
-        await self._call(lambda: self._set_pinned(keys=ref.keys, args=argv), retry=False)
+        argv = [_now_ms(), secrets.token_hex(8), self.retention.ttl_s, tokens, len(blobs), *blobs, *self._track(ref),
+                self.counter.name]
+        await self._call(lambda: self._set_pinned(keys=self._write_keys(ref), args=argv), retry=False)
         return tokens
 
     async def set_retention(self, ref: SessionRef, ttl_s: int | None, keep_last: int | None) -> tuple[int, int, int]:
@@ -450,14 +486,22 @@ class SessionStore:
             self.retention.keep_last_messages,
             "" if ttl_s is None else ttl_s,
             "" if keep_last is None else keep_last,
+            *self._track(ref),
+            self.counter.name,
         ]
-        ttl, keep, dropped = await self._call(lambda: self._set_retention(keys=ref.keys, args=argv), retry=False)
+        ttl, keep, dropped = await self._call(
+            lambda: self._set_retention(keys=self._write_keys(ref), args=argv), retry=False
+        )
         return int(ttl), int(keep), int(dropped)
 
     async def delete(self, ref: SessionRef) -> tuple[bool, int, str]:
         """Delete every key of the session and tell its watchers. Returns (existed,
         messages_deleted, incarnation it had)."""
-        n, stored, inc = await self._call(lambda: self._delete(keys=ref.keys, args=[ref.channel]), retry=False)
+        for key in (ref.base, *(self._window_key(ref, name) for name in TOKENIZERS)):
+            self.cache.drop(key)
+        n, stored, inc = await self._call(
+            lambda: self._delete(keys=self._write_keys(ref), args=[ref.channel, ref.index_prefix]), retry=False
+        )
         return int(n) > 0, int(stored), inc.decode() if isinstance(inc, bytes) else str(inc)
 
     async def forget_user(self, tenant: str, user: str) -> tuple[list[SessionRef], int]:
@@ -467,6 +511,7 @@ class SessionStore:
         validate_tenant(tenant)
         user = resolve_user(user)
         pattern = _glob_escape(f"{self.key_prefix}:{tenant}:{user}:") + "{*"
+        self.cache.drop_prefix(f"{self.key_prefix}:{tenant}:{user}:{{")
         sessions: dict[str, SessionRef] = {}
         keys_deleted = 0
         for _ in range(5):
@@ -483,9 +528,21 @@ class SessionStore:
                 break
             for session in found:
                 ref = SessionRef(tenant, user, session, self.key_prefix)
-                n, _, _ = await self._call(lambda ref=ref: self._delete(keys=ref.keys, args=[ref.channel]), retry=False)
+                n, _, _ = await self._call(
+                    lambda ref=ref: self._delete(keys=self._write_keys(ref), args=[ref.channel, ref.index_prefix]),
+                    retry=False,
+                )
                 keys_deleted += int(n)
                 sessions[session] = ref
+        # Index entries of incarnations that expired and were not swept yet name the user too.
+        members = _glob_escape(f"{tenant}/{user}/") + "*"
+
+        async def unindex() -> None:
+            found = [m async for m in self.redis.zscan_iter(self.index_key, match=members, count=1000)]
+            if found:
+                await self.redis.zrem(self.index_key, *(m for m, _ in found))
+
+        await self._call(unindex, retry=True)
         return list(sessions.values()), keys_deleted
 
     async def write_summary(
@@ -498,23 +555,38 @@ class SessionStore:
         tokens = (await self.count_tokens([render_summary(summary)]))[0]
         summary.tokens = tokens
         argv = [incarnation, expected_through, summary.SerializeToString(), tokens, summary.through_sequence,
-                cumulative_tokens]
+                cumulative_tokens, self.counter.name]
         return int(await self._call(lambda: self._write_summary(keys=ref.keys[:1], args=argv), retry=False))
 
     # -- reads ----------------------------------------------------------------------------------
 
-    async def get_context(self, ref: SessionRef, token_budget: int, min_version: int = 0) -> ContextWindow:
-        """Pinned messages, the running summary and the newest messages, within ``token_budget``.
+    async def get_context(
+        self, ref: SessionRef, token_budget: int, min_version: int = 0, choice: CounterChoice | None = None
+    ) -> bytes:
+        """Pinned messages, the running summary and the newest messages, within ``token_budget``
+        tokens of ``choice`` (a counter and whether its counts are approximate for the model;
+        default: the store's own ``counter``), as a serialized ``GetContextResponse`` (bytes: the
+        service sends them as they are), naming the tokenizer.
 
         Order of priority: the pinned messages always (FAILED_PRECONDITION when they alone exceed
         the budget), then the summary if it fits, then the newest messages not covered by an
         included summary, walking back from the newest and stopping at the first that does not
         fit, so the recent part is always a contiguous tail. A session that does not exist is
-        empty (version 0). Waits for ``min_version`` (see :meth:`wait_for_version`).
+        empty (version 0). Waits for ``min_version`` (see :meth:`wait_for_version`). Messages
+        this process returned before come from :attr:`cache` (see cache.py); DATA_LOSS when a
+        stored element is not a valid message.
+
+        When the stored counts are in the requested tokenizer (the session's ``enc``, see lua.py)
+        the budget is walked in Redis over them; otherwise :meth:`_get_context_recounted` counts.
         """
         if token_budget < 0:
             raise invalid_argument("token_budget must not be negative")
-        argv = [token_budget, self.page_size]
+        choice = choice or CounterChoice(self.counter, self.counter.approximate)
+        if choice.tokenizer != self.counter.name:
+            return await self._get_context_recounted(ref, token_budget, min_version, choice)
+        cached = self.cache.get(ref.base)
+        argv = [token_budget, self.page_size, *((cached.inc, cached.first, cached.through) if cached else ("", 0, 0)),
+                self.counter.name]
 
         async def read() -> list:
             return await self._call(lambda: self._get_context(keys=ref.keys[:4], args=argv), retry=True)
@@ -523,37 +595,207 @@ class SessionStore:
         if min_version and self._version_of(reply) < min_version:
             reply = await self._wait_then(ref, min_version, read, self._version_of)
         if reply[0] == 0:
-            return ContextWindow()
+            return self._response([], None, [], 0, 1, 0, choice)
+        if reply[0] == -2:  # counted with another tokenizer (another configuration wrote the session)
+            return await self._get_context_recounted(ref, token_budget, min_version, choice)
         if reply[0] == -1:
-            raise ServiceError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"token_budget {token_budget} is smaller than the pinned messages of session {ref.session!r} "
-                f"({int(reply[3])} tokens); raise the budget or pin less",
-            )
+            raise self._pinned_over_budget(ref, token_budget, int(reply[3]), choice)
         _, inc, version, _first, ptok, used_summary, _sthrough, used, summary_blob, n_pinned, *rest = reply
-        inc = inc.decode()
-        version, n_pinned = int(version), int(n_pinned)
-        window = ContextWindow(version=version, pinned_messages=n_pinned)
-        for i, blob in enumerate(rest[:n_pinned]):
-            window.messages.append(self._decode(common_pb2.Message, blob, ref, f"pinned message {i}"))
-        tokens = int(ptok) + int(used)
-        if int(used_summary):
-            summary = self._decode(memory_pb2.SessionSummary, summary_blob, ref, "summary")
-            window.messages.append(render_summary(summary))
-            window.summary_included = True
-            window.summary_through_sequence = summary.through_sequence
-            tokens += summary.tokens
-        recent = rest[n_pinned:]
-        start = version - len(recent) + 1
-        for i, blob in enumerate(recent):
-            window.messages.append(self._decode(memory_pb2.SessionMessage, blob, ref, f"message {start + i}").message)
-        if recent:
-            window.first_sequence = start
-            window.message_ids = [message_id(inc, start + i) for i in range(len(recent))]
-        window.tokens_used = tokens
-        covered = window.summary_through_sequence if window.summary_included else 0
-        window.messages_omitted = max(0, version - len(recent) - covered)
-        return window
+        inc, version, n_pinned = inc.decode(), int(version), int(n_pinned)
+        start, fetch_from = int(rest[n_pinned]), int(rest[n_pinned + 1])
+        frames: list[bytes] = []
+        if fetch_from > start:  # the script relied on what ``cached`` holds
+            frames.extend(cached.frames[start - cached.first : fetch_from - cached.first])
+            self.cache.hits += 1
+        else:
+            self.cache.misses += 1
+        for seq, blob in enumerate(rest[n_pinned + 2 :], start=fetch_from):
+            try:
+                frames.append(frame(blob, message_id(inc, seq)))
+            except DecodeError as exc:
+                raise self._corrupt(memory_pb2.SessionMessage, ref, f"message {seq}", exc) from exc
+        if frames:
+            self.cache.put(ref.base, CachedWindow(inc, start, tuple(frames), sum(map(len, frames))))
+        pinned = [self._decode(common_pb2.Message, blob, ref, f"pinned message {i}")
+                  for i, blob in enumerate(rest[:n_pinned])]
+        summary = self._decode(memory_pb2.SessionSummary, summary_blob, ref, "summary") if int(used_summary) else None
+        tokens = int(ptok) + int(used) + (summary.tokens if summary is not None else 0)
+        return self._response(pinned, summary, frames, version, start, tokens, choice)
+
+    async def _get_context_recounted(
+        self, ref: SessionRef, budget: int, min_version: int, choice: CounterChoice
+    ) -> bytes:
+        """:meth:`get_context` counted with ``choice.counter`` instead of the stored counts: the
+        same priorities, computed here.
+
+        Each message is counted once per process and tokenizer: its count is kept beside its frame
+        in a cache window of (session, tokenizer) — a stored message never changes. The walk reads
+        only what that window does not hold: CONTEXT_HEAD brings the pinned messages, the summary
+        and the newest messages not held (at most a page), and LIST a page of older ones when the
+        budget reaches them; messages are decoded and counted one by one as the walk reaches them.
+        In a chat, a turn's read therefore counts the turn's new messages only. The pinned
+        messages and the summary are counted once per content (:attr:`_side_counts`).
+        Consistency: the head is one snapshot (version, first, summary, pinned); older messages are
+        read from the same incarnation (they cannot change), those retention deleted meanwhile are
+        left out as omitted, and a session deleted and created again meanwhile restarts the read
+        (ABORTED after :data:`_RECOUNT_ATTEMPTS`)."""
+        counter = choice.counter
+        key = self._window_key(ref, counter.name)
+        for _ in range(_RECOUNT_ATTEMPTS):
+            held = self.cache.get(key)
+            argv = [held.inc if held else "", held.through if held else 0, self.page_size]
+
+            async def read(argv: list = argv) -> list:
+                return await self._call(lambda: self._context_head(keys=ref.keys[:4], args=argv), retry=True)
+
+            reply = await read()
+            if min_version and self._version_of(reply) < min_version:
+                reply = await self._wait_then(ref, min_version, read, self._version_of)
+            if reply[0] == 0:
+                return self._response([], None, [], 0, 1, 0, choice)
+            _, inc, version, first, sthrough, summary_blob, n_pinned, *rest = reply
+            inc, version, first, n_pinned = inc.decode(), int(version), int(first), int(n_pinned)
+            fetched: dict[int, bytes] = dict(enumerate(rest[n_pinned + 1 :], start=int(rest[n_pinned])))
+            if held is not None and held.inc != inc:
+                held = None
+            pinned = []
+            ptok = 0
+            for i, blob in enumerate(rest[:n_pinned]):
+                pinned.append(self._decode(common_pb2.Message, blob, ref, f"pinned message {i}"))
+                ptok += await self._side_count(counter, blob, pinned[-1])
+            if ptok > budget:
+                raise self._pinned_over_budget(ref, budget, ptok, choice)
+            left, floor, summary, stok = budget - ptok, first, None, 0
+            if summary_blob:
+                candidate = self._decode(memory_pb2.SessionSummary, summary_blob, ref, "summary")
+                stok = await self._side_count(counter, summary_blob, render_summary(candidate))
+                if stok <= left:
+                    summary, left, floor = candidate, left - stok, max(first, int(sthrough) + 1)
+            frames: list[bytes] = []  # newest first while walking
+            counts: list[int] = []
+            used, seq, spare, restart = 0, version, None, False
+            while seq >= floor:
+                if held is not None and held.first <= seq <= held.through:
+                    item = held.frames[seq - held.first], held.counts[seq - held.first]
+                elif seq in fetched:
+                    item = await self._count_stored(counter, fetched.pop(seq), ref, inc, seq)
+                else:
+                    lo = max(floor, seq - self.page_size + 1)
+                    if held is not None and lo <= held.through < seq:
+                        lo = held.through + 1
+                    page = await self._call(
+                        lambda args=[lo, seq, seq - lo + 1]: self._list(keys=ref.keys[:3], args=args), retry=True
+                    )
+                    if page[0] == 0 or page[1].decode() != inc:  # deleted (and maybe created again) meanwhile
+                        restart = True
+                        break
+                    fetched.update(enumerate(page[5:], start=int(page[4])))
+                    if int(page[4]) > lo:  # retention deleted messages from lo on meanwhile: they are omitted
+                        floor = int(page[4])
+                    continue
+                if used + item[1] > left:
+                    spare = item  # counted: kept in the window for a larger budget next time
+                    break
+                used += item[1]
+                frames.append(item[0])
+                counts.append(item[1])
+                seq -= 1
+            if restart:
+                continue
+            start = seq + 1
+            frames.reverse()
+            counts.reverse()
+            self._keep_window(key, inc, start, frames, counts, spare, held)
+            return self._response(pinned, summary, frames, version, start, ptok + used + (stok if summary else 0),
+                                  choice)
+        raise ServiceError(
+            grpc.StatusCode.ABORTED,
+            f"session {ref.session!r} was deleted and created again while being read, {_RECOUNT_ATTEMPTS} times; retry",
+        )
+
+    def _keep_window(
+        self, key: str, inc: str, start: int, frames: list[bytes], counts: list[int], spare: tuple[bytes, int] | None,
+        held: CachedWindow | None,
+    ) -> None:
+        """Cache what a recounted read counted: the returned messages ``start..``, the one that did
+        not fit (``spare``), and up to a page of the older messages ``held`` already had (a read
+        whose window slid forward keeps them, so a larger budget next does not count them again)."""
+        first, frames, counts = start, list(frames), list(counts)
+        if spare is not None:
+            first, frames, counts = first - 1, [spare[0], *frames], [spare[1], *counts]
+        if held is not None and held.inc == inc and held.first < first <= held.through + 1:
+            lo = max(held.first, first - self.page_size)
+            frames[:0] = held.frames[lo - held.first : first - held.first]
+            counts[:0] = held.counts[lo - held.first : first - held.first]
+            first = lo
+        if frames:
+            self.cache.put(key, CachedWindow(inc, first, tuple(frames), sum(map(len, frames)), tuple(counts)))
+
+    @staticmethod
+    def _window_key(ref: SessionRef, tokenizer: str) -> str:
+        """Cache key of the session's window counted in ``tokenizer`` (the stored-count window is
+        ``ref.base``; a session id holds no ``|`` or ``}``, so no two keys collide)."""
+        return f"{ref.base}|{tokenizer}"
+
+    async def _count_stored(
+        self, counter: TokenCounter, blob: bytes, ref: SessionRef, inc: str, seq: int
+    ) -> tuple[bytes, int]:
+        """(frame, tokens with ``counter``) of a stored message; DATA_LOSS when it is corrupt."""
+        try:
+            framed, stored = decode_frame(blob, message_id(inc, seq))
+        except DecodeError as exc:
+            raise self._corrupt(memory_pb2.SessionMessage, ref, f"message {seq}", exc) from exc
+        return framed, (await self.count_tokens([stored.message], counter))[0]
+
+    async def _side_count(self, counter: TokenCounter, blob: bytes, message: common_pb2.Message) -> int:
+        """Tokens of a pinned message or of the summary (``message``, stored as ``blob``) with
+        ``counter``, remembered by content."""
+        key = (counter.name, hashlib.blake2b(blob, digest_size=16).digest())
+        tokens = self._side_counts.get(key)
+        if tokens is None:
+            tokens = (await self.count_tokens([message], counter))[0]
+            self._side_counts[key] = tokens
+            if len(self._side_counts) > _SIDE_COUNTS:
+                self._side_counts.popitem(last=False)
+        else:
+            self._side_counts.move_to_end(key)
+        return tokens
+
+    @staticmethod
+    def _pinned_over_budget(ref: SessionRef, budget: int, tokens: int, choice: CounterChoice) -> ServiceError:
+        return ServiceError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"token_budget {budget} is smaller than the pinned messages of session {ref.session!r} "
+            f"({tokens} tokens in {choice.tokenizer}); raise the budget or pin less",
+        )
+
+    @staticmethod
+    def _response(
+        pinned: list[common_pb2.Message], summary: memory_pb2.SessionSummary | None, frames: Sequence[bytes],
+        version: int, start: int, tokens: int, choice: CounterChoice,
+    ) -> bytes:
+        """The serialized GetContextResponse: pinned messages, the summary when included, the
+        frames of sequences ``start..version``."""
+        head = memory_pb2.GetContextResponse(messages=pinned)
+        covered = 0
+        if summary is not None:
+            head.messages.append(render_summary(summary))
+            covered = summary.through_sequence
+        count = version - start + 1
+        tail = memory_pb2.GetContextResponse(
+            tokens_used=tokens,
+            version=version,
+            messages_omitted=max(0, version - count - covered),
+            pinned_messages=len(pinned),
+            summary_included=summary is not None,
+            summary_through_sequence=covered,
+            first_sequence=start if count else 0,
+            tokenizer=choice.tokenizer,
+            tokens_approximate=choice.approximate,
+        )
+        # Serialized messages of one type concatenate into one message (repeated fields append in
+        # order, and the ``messages``/``message_ids`` entries of each frame interleave harmlessly).
+        return head.SerializeToString() + b"".join(frames) + tail.SerializeToString()
 
     async def list_messages(
         self, ref: SessionRef, from_sequence: int = 0, to_sequence: int = 0, limit: int = DEFAULT_LIST_LIMIT,
@@ -657,11 +899,60 @@ class SessionStore:
                 await self.redis.connection_pool.disconnect()
             raise
 
+    # -- retention index (the sweeper's side; see lua.py and retention.py) -------------------------
+
+    async def claim_due(self, now_ms: int, lease_ms: int, limit: int) -> list[IndexEntry]:
+        """Retention index entries due at ``now_ms``, claimed for ``lease_ms`` (another replica
+        takes them over after that if this one does not finish them)."""
+        members = await self._call(
+            lambda: self._claim(keys=[self.index_key], args=[now_ms, lease_ms, limit]), retry=False
+        )
+        entries = []
+        for member in members:
+            try:
+                entries.append(IndexEntry.parse(member.decode(), self.key_prefix))
+            except (ValueError, ServiceError):  # not written by these scripts: it would come back forever
+                await self._call(lambda member=member: self.redis.zrem(self.index_key, member), retry=False)
+        return entries
+
+    async def session_position(self, ref: SessionRef) -> tuple[str, int]:
+        """(incarnation, first stored sequence) of the session; ("", 0) when it does not exist."""
+        inc, first = await self._call(lambda: self.redis.hmget(ref.keys[0], ["inc", "first"]), retry=True)
+        return (inc.decode(), _int(first)) if inc else ("", 0)
+
+    async def pruned(self, entry: IndexEntry, first: int, now_ms: int) -> int:
+        """Record that the facts of messages before ``first`` were pruned and reschedule the entry
+        (lua.PRUNED). Returns its next due time (ms), -1 when it left the index."""
+        return int(await self._call(
+            lambda: self._pruned(keys=[entry.ref.keys[0], self.index_key],
+                                 args=[entry.member, entry.incarnation, first, now_ms]),
+            retry=False,
+        ))
+
+    async def indexed(self, entry: IndexEntry) -> bool:
+        """Whether the entry is still in the index (DeleteSession removes its session's)."""
+        return await self._call(lambda: self.redis.zscore(self.index_key, entry.member), retry=True) is not None
+
+    async def unindex(self, entry: IndexEntry) -> None:
+        """Remove an entry whose incarnation is gone (its facts have been pruned)."""
+        await self._call(lambda: self.redis.zrem(self.index_key, entry.member), retry=False)
+
+    async def index_entries(self) -> list[tuple[str, float]]:
+        """Every (member, due time in ms) of the retention index (tests, operators)."""
+        rows = await self._call(lambda: self.redis.zrange(self.index_key, 0, -1, withscores=True), retry=True)
+        return [(m.decode(), score) for m, score in rows]
+
     # -- plumbing -------------------------------------------------------------------------------
+
+    def _write_keys(self, ref: SessionRef) -> list[str]:
+        return [*ref.keys, self.index_key]
+
+    def _track(self, ref: SessionRef) -> tuple[str, str]:
+        return ("1" if self.track_retention else "0", ref.index_prefix)
 
     @staticmethod
     def _version_of(reply: list) -> int:
-        return int(reply[2]) if reply[0] != 0 else 0
+        return int(reply[2]) if reply[0] != 0 else 0  # every non-empty reply has the version third
 
     async def _wait_then(self, ref: SessionRef, min_version: int, read: Callable[[], Awaitable[T]],
                          version_of: Callable[[T], int]) -> T:
@@ -714,18 +1005,22 @@ class SessionStore:
                 ) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
-    @staticmethod
-    def _decode(kind: type[T], blob: bytes, ref: SessionRef, what: str) -> T:
+    @classmethod
+    def _decode(cls, kind: type[T], blob: bytes, ref: SessionRef, what: str) -> T:
         out = kind()
         try:
             out.ParseFromString(blob)
         except DecodeError as exc:
-            raise ServiceError(
-                grpc.StatusCode.DATA_LOSS,
-                f"session {ref.session!r}: stored {what} is not a valid {kind.DESCRIPTOR.full_name} ({exc}); "
-                "the session's data in Redis is corrupt",
-            ) from exc
+            raise cls._corrupt(kind, ref, what, exc) from exc
         return out
+
+    @staticmethod
+    def _corrupt(kind: type, ref: SessionRef, what: str, exc: Exception) -> ServiceError:
+        return ServiceError(
+            grpc.StatusCode.DATA_LOSS,
+            f"session {ref.session!r}: stored {what} is not a valid {kind.DESCRIPTOR.full_name} ({exc}); "
+            "the session's data in Redis is corrupt",
+        )
 
 
 def _glob_escape(text: str) -> str:
