@@ -409,8 +409,9 @@ class RecallMemory(Tool):
     """Recall earlier messages of the run's session that match a query.
 
     Source today: the session history, through ``MemoryService.GetContext`` (the most recent
-    messages that fit ``token_budget``; 0 = the memory service's default), with the caller's
-    tenant and a deadline derived from the caller's. Messages are scored by the share of the
+    messages that fit ``token_budget``; 0 = the memory service's default), of the call's session
+    and user (``ExecuteToolRequest.session_id`` / ``user_id``), with the caller's tenant and a
+    deadline derived from the caller's. Messages are scored by the share of the
     query's words (lower-cased, English stop words left out) they contain; those with a score
     above 0 are returned best first, ties most recent first. Output: ``{"query", "session_id",
     "source": "session_history", "messages": [{"role", "content", "score"}, ...]}``.
@@ -469,10 +470,13 @@ class RecallMemory(Tool):
     async def run(self, arguments: dict[str, Any], progress: ProgressCallback) -> ToolOutput:
         query = arguments["query"]
         top_k = int(arguments.get("top_k", 5))
-        session_id = current_call().session_id
+        call = current_call()
+        session_id = call.session_id
         if not session_id:
             raise ToolError("there is no conversation to recall: this call belongs to no session")
-        request = memory_pb2.GetContextRequest(session_id=session_id, token_budget=self._token_budget)
+        request = memory_pb2.GetContextRequest(
+            session_id=session_id, user_id=call.user_id, token_budget=self._token_budget
+        )
         try:
             reply = await self._downstream.memory.GetContext(
                 request, metadata=outgoing_metadata(), timeout=downstream_timeout(self._timeout_s, reserve_s=0.05)

@@ -5,7 +5,9 @@ A key is scoped to (tenant, tool, key). Its record moves through two states:
 
 - *running*: claimed by the call that runs the tool, with a fingerprint of the call (tool,
   arguments, session, user) and a random claim token; it expires after the tool's runtime limit
-  plus a margin, so a replica that dies mid-call does not block the key for long;
+  plus a margin, so a replica that dies mid-call does not block the key for long. ``CancelToolCall``
+  marks a running record *cancel requested* (same fingerprint and token): the replica running the
+  call sees the mark and stops it (:meth:`IdempotencyStore.cancel_requested`);
 - *done*: the serialized ``ToolResult`` and the fingerprint, kept for ``ttl_s`` (24 h by default).
 
 A second call with the key waits (polling) while the first one runs, then replays the stored
@@ -40,6 +42,7 @@ from redis.exceptions import RedisError
 from agentmesh.services.runtime.errors import ServiceError, unavailable
 
 _RUNNING = b"R"
+_CANCELLING = b"C"
 _DONE = b"D"
 _FP_LEN = 64  # sha256 hex digest
 #: How often a call waiting for a running first call with the same key looks again, in seconds.
@@ -57,11 +60,13 @@ class Claim:
 
 @dataclass(frozen=True)
 class Record:
-    """What the store holds under a key: ``state`` is ``running`` or ``done``."""
+    """What the store holds under a key: ``state`` is ``running`` or ``done``; ``cancelling``
+    when a running call was asked to stop."""
 
     state: str
     fingerprint: str
     result: bytes = b""
+    cancelling: bool = False
 
 
 def fingerprint(tool: str, arguments: Any, session_id: str, user_id: str) -> str:
@@ -81,9 +86,14 @@ def _encode(state: bytes, fp: str, rest: bytes) -> bytes:
 
 
 def _decode(value: bytes) -> Record:
-    state = "running" if value[:1] == _RUNNING else "done"
+    head = value[:1]
+    state = "done" if head == _DONE else "running"
     fp = value[1 : 1 + _FP_LEN].decode()
-    return Record(state, fp, b"" if state == "running" else value[1 + _FP_LEN :])
+    return Record(state, fp, b"" if state == "running" else value[1 + _FP_LEN :], cancelling=head == _CANCELLING)
+
+
+def _running(claim: Claim, head: bytes = _RUNNING) -> bytes:
+    return _encode(head, claim.fingerprint, claim.token.encode())
 
 
 class IdempotencyStore(abc.ABC):
@@ -103,6 +113,14 @@ class IdempotencyStore(abc.ABC):
     @abc.abstractmethod
     async def release(self, claim: Claim) -> None:
         """Drop the claim if it still holds the key (the call ended without a result)."""
+
+    @abc.abstractmethod
+    async def request_cancel(self, key: str) -> bool:
+        """Mark the call running under ``key`` as asked to stop; False when none runs."""
+
+    @abc.abstractmethod
+    async def cancel_requested(self, claim: Claim) -> bool:
+        """True when ``claim``'s call was asked to stop (or lost its claim meanwhile)."""
 
     async def ping(self) -> bool:
         return True
@@ -159,8 +177,21 @@ end
 return 0
 """
 _RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] or v == ARGV[2] then return redis.call('DEL', KEYS[1]) end
 return 0
+"""
+# Running -> cancel requested, keeping the fingerprint, token and expiry.
+_CANCEL = """
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+local head = string.sub(v, 1, 1)
+if head == 'C' then return 1 end
+if head ~= 'R' then return 0 end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl <= 0 then ttl = 1000 end
+redis.call('SET', KEYS[1], 'C' .. string.sub(v, 2), 'PX', ttl)
+return 1
 """
 
 
@@ -174,14 +205,11 @@ class RedisIdempotencyStore(IdempotencyStore):
         self._claim = self._redis.register_script(_CLAIM)
         self._complete = self._redis.register_script(_COMPLETE)
         self._release = self._redis.register_script(_RELEASE)
-
-    @staticmethod
-    def _running(claim: Claim) -> bytes:
-        return _encode(_RUNNING, claim.fingerprint, claim.token.encode())
+        self._cancel = self._redis.register_script(_CANCEL)
 
     async def try_claim(self, claim: Claim, running_ttl_s: float) -> Record | None:
         try:
-            value = await self._claim(keys=[claim.key], args=[self._running(claim), int(running_ttl_s * 1000)])
+            value = await self._claim(keys=[claim.key], args=[_running(claim), int(running_ttl_s * 1000)])
         except RedisError as exc:
             raise unavailable(f"idempotency store (Redis) failed: {exc}; retry shortly") from exc
         return None if value is None else _decode(value)
@@ -189,15 +217,28 @@ class RedisIdempotencyStore(IdempotencyStore):
     async def complete(self, claim: Claim, result: bytes, ttl_s: float) -> bool:
         done = _encode(_DONE, claim.fingerprint, result)
         try:
-            return bool(await self._complete(keys=[claim.key], args=[self._running(claim), done, int(ttl_s * 1000)]))
+            return bool(await self._complete(keys=[claim.key], args=[_running(claim), done, int(ttl_s * 1000)]))
         except RedisError as exc:
             raise unavailable(f"idempotency store (Redis) failed to store the result: {exc}") from exc
 
     async def release(self, claim: Claim) -> None:
         try:
-            await self._release(keys=[claim.key], args=[self._running(claim)])
+            await self._release(keys=[claim.key], args=[_running(claim), _running(claim, _CANCELLING)])
         except RedisError:
             pass  # the claim expires on its own after the runtime limit
+
+    async def request_cancel(self, key: str) -> bool:
+        try:
+            return bool(await self._cancel(keys=[key]))
+        except RedisError as exc:
+            raise unavailable(f"idempotency store (Redis) failed: {exc}; retry shortly") from exc
+
+    async def cancel_requested(self, claim: Claim) -> bool:
+        try:
+            value = await self._redis.get(claim.key)
+        except RedisError:
+            return False  # keep running; the next look may succeed
+        return value != _running(claim)
 
     async def ping(self) -> bool:
         try:
@@ -238,15 +279,26 @@ class MemoryIdempotencyStore(IdempotencyStore):
         value = self._get(claim.key)
         if value is not None:
             return _decode(value)
-        self._set(claim.key, _encode(_RUNNING, claim.fingerprint, claim.token.encode()), running_ttl_s)
+        self._set(claim.key, _running(claim), running_ttl_s)
         return None
 
     async def complete(self, claim: Claim, result: bytes, ttl_s: float) -> bool:
-        if self._get(claim.key) != _encode(_RUNNING, claim.fingerprint, claim.token.encode()):
+        if self._get(claim.key) != _running(claim):
             return False
         self._set(claim.key, _encode(_DONE, claim.fingerprint, result), ttl_s)
         return True
 
     async def release(self, claim: Claim) -> None:
-        if self._get(claim.key) == _encode(_RUNNING, claim.fingerprint, claim.token.encode()):
+        if self._get(claim.key) in (_running(claim), _running(claim, _CANCELLING)):
             del self._entries[claim.key]
+
+    async def request_cancel(self, key: str) -> bool:
+        value = self._get(key)
+        if value is None or value[:1] == _DONE:
+            return False
+        if value[:1] == _RUNNING:
+            self._entries[key] = (_CANCELLING + value[1:], self._entries[key][1])
+        return True
+
+    async def cancel_requested(self, claim: Claim) -> bool:
+        return self._get(claim.key) != _running(claim)

@@ -11,7 +11,10 @@ runs the tool as its own task, streams its progress events and then exactly one 
 against the tool's output schema (INTERNAL when it fails: a bug of the tool). A tool that runs
 longer than its runtime limit (the tool's own, else ``max_runtime_s``) is cancelled and the call
 ends with DEADLINE_EXCEEDED; a caller that cancels (or whose deadline passes) cancels the tool
-too — for ``python`` that kills the sandbox's whole process tree.
+too — for ``python`` that kills the sandbox's whole process tree — unless the call asked for
+``continue_on_disconnect``: then the tool runs on, detached from the RPC, and its result is stored
+under the call's idempotency key for the caller's retry; ``ToolService.CancelToolCall`` stops such
+a call on whichever replica runs it.
 
 Tools: ``calculator``, ``search_documents`` (retrieval), ``recall_memory`` (memory), ``python``
 (sandbox; unless ``python_enabled`` is false), ``http_fetch`` (only when ``http_allowed_hosts``
@@ -30,7 +33,7 @@ from typing import Annotated, Any
 
 import grpc
 from google.protobuf import json_format
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AliasChoices, BaseModel, Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from agentmesh.services.runtime.clients import Downstream
@@ -64,6 +67,9 @@ PROGRESS_BUFFER = 64
 IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,128}$")
 #: How much longer than the tool's runtime limit a running claim is kept, in seconds.
 CLAIM_MARGIN_S = 30.0
+#: How often a call that may run detached looks for a CancelToolCall made on another replica, in s.
+CANCEL_POLL_S = 0.25
+_END = object()
 
 
 class ToolLimitSetting(BaseModel):
@@ -76,7 +82,7 @@ class ToolLimitSetting(BaseModel):
 class ToolsSettings(ServiceSettings):
     """Settings of the tool service (env prefix ``AGENTMESH_TOOLS_``)."""
 
-    model_config = SettingsConfigDict(env_prefix="AGENTMESH_TOOLS_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="AGENTMESH_TOOLS_", extra="ignore", populate_by_name=True)
 
     max_runtime_s: float = Field(30.0, gt=0, description="Longest one tool call may run, in seconds.")
     max_concurrent_calls: int = Field(
@@ -96,10 +102,21 @@ class ToolsSettings(ServiceSettings):
     )
     # Idempotency keys.
     redis_url: str = Field(
-        "", description="Redis for idempotency records (shared by replicas); empty = an in-process LRU."
+        "",
+        # Also the mesh's Redis as the chart and the local runner hand it to every service: with
+        # several replicas only a shared store makes a repeated key return the first result.
+        validation_alias=AliasChoices(
+            "AGENTMESH_TOOLS_REDIS_URL", "REDIS_URL", "AGENTMESH_MEMORY_REDIS_URL", "redis_url"
+        ),
+        description="Redis for idempotency records (shared by replicas); also read from REDIS_URL, then "
+        "AGENTMESH_MEMORY_REDIS_URL; empty = an in-process LRU.",
     )
     idempotency_ttl_s: int = Field(86_400, ge=1, description="How long a result is kept for its key, in seconds.")
     idempotency_cache_entries: int = Field(10_000, ge=1, description="Size of the in-process LRU (without Redis).")
+    cancel_poll_s: float = Field(
+        CANCEL_POLL_S, gt=0, description="How often a continue_on_disconnect call checks the idempotency store for a "
+        "CancelToolCall made on another replica, in seconds.",
+    )
     # http_fetch.
     http_allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -152,6 +169,8 @@ class ToolServicer(tools_pb2_grpc.ToolServiceServicer):
         self._service = service
         self._running = 0
         self._running_by_tool: dict[str, int] = {}
+        #: Calls made with continue_on_disconnect, by scoped idempotency key: the task that runs each.
+        self._detachable: dict[str, asyncio.Task] = {}
 
     async def ListTools(self, request: tools_pb2.ListToolsRequest, context) -> tools_pb2.ListToolsResponse:
         registry = self._service.registry()
@@ -170,6 +189,11 @@ class ToolServicer(tools_pb2_grpc.ToolServiceServicer):
         registry = self._service.registry()
         if not request.name:
             raise invalid_argument(f"name is empty; known tools: {', '.join(registry.names)}")
+        if request.continue_on_disconnect and not request.idempotency_key:
+            raise invalid_argument(
+                "continue_on_disconnect needs an idempotency_key: the result of a call that outlives its caller "
+                "is only given to a retry with the same key"
+            )
         tool = registry.get(request.name)
         arguments = json_format.MessageToDict(request.arguments)
         registry.validate(tool.name, arguments)
@@ -184,6 +208,15 @@ class ToolServicer(tools_pb2_grpc.ToolServiceServicer):
                 yield tools_pb2.ExecuteToolResponse(result=replay)
                 return
             claim = replay
+        if request.continue_on_disconnect and claim is not None:
+            try:
+                self._admit(tool.name, limits)
+            except BaseException:
+                await asyncio.shield(self._service.idempotency.release(claim))
+                raise
+            async for item in self._detached(tool, arguments, call, runtime_s, claim):
+                yield item
+            return
         try:
             self._admit(tool.name, limits)
             try:
@@ -200,6 +233,99 @@ class ToolServicer(tools_pb2_grpc.ToolServiceServicer):
         finally:
             if claim is not None:  # no result: let a retry with the same key run the tool
                 await asyncio.shield(self._service.idempotency.release(claim))
+
+    async def _detached(
+        self, tool: Tool, arguments: dict[str, Any], call: CallContext, runtime_s: float, claim: idempotency.Claim
+    ) -> AsyncIterator[tools_pb2.ExecuteToolResponse]:
+        """Run the call in a task of its own that outlives this RPC: progress and the result are
+        forwarded while the caller listens; the result is stored under ``claim`` either way. The
+        task is counted in until it ends, and stops on CancelToolCall or its runtime limit."""
+        listener: asyncio.Queue = asyncio.Queue(PROGRESS_BUFFER)
+        state: dict[str, Any] = {"listener": listener, "stored": False}
+
+        async def forward(item: Any) -> None:
+            if (queue := state["listener"]) is not None:
+                await queue.put(item)
+
+        async def execute() -> None:
+            store = self._service.idempotency
+            pending: idempotency.Claim | None = claim
+            outcome: Any = _END
+            try:
+                async for item in self._run(tool, arguments, call, runtime_s):
+                    if item.WhichOneof("event") == "result":
+                        state["stored"] = True  # from here on a changed record is not a cancellation
+                        await store.complete(pending, item.result.SerializeToString(),
+                                             self._service.settings.idempotency_ttl_s)
+                        pending = None
+                    await forward(item)
+            except asyncio.CancelledError:
+                outcome = ServiceError(grpc.StatusCode.CANCELLED, f"the call of tool {tool.name!r} was cancelled "
+                                       "(CancelToolCall, or the tool service is shutting down)")
+                raise
+            except Exception as exc:  # noqa: BLE001 - the caller's status, if it still listens
+                outcome = exc
+            finally:
+                watcher.cancel()
+                if pending is not None:  # no result: a retry with the key runs the tool
+                    await asyncio.shield(store.release(pending))
+                self._running -= 1
+                self._running_by_tool[tool.name] -= 1
+                if self._detachable.get(claim.key) is task:
+                    del self._detachable[claim.key]
+                await forward(outcome)
+
+        async def watch() -> None:
+            # A CancelToolCall on another replica marks the record; this replica stops the call.
+            while True:
+                await asyncio.sleep(self._service.settings.cancel_poll_s)
+                if not state["stored"] and await self._service.idempotency.cancel_requested(claim):
+                    log.info("tool call cancelled by CancelToolCall",
+                             extra={"fields": {"tool": tool.name, "tool_call_id": call.tool_call_id}})
+                    task.cancel()
+                    return
+
+        task = asyncio.create_task(execute(), name=f"tool-call:{tool.name}:{call.tool_call_id}")
+        # Only a shared store can carry a cancellation from another replica; this one's come direct.
+        watcher = asyncio.create_task(
+            watch() if self._service.idempotency.kind == "redis" else asyncio.sleep(0), name=f"tool-call-watch:{tool.name}"
+        )
+        self._detachable[claim.key] = task
+        finished = False
+        try:
+            while True:
+                item = await listener.get()
+                if item is _END:
+                    finished = True
+                    return
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+        finally:
+            state["listener"] = None
+            while not listener.empty():  # unblock a forward() waiting for room
+                listener.get_nowait()
+            if not finished and not task.done():
+                log.info("caller went away; the tool call goes on", extra={"fields": {
+                    "tool": tool.name, "tool_call_id": call.tool_call_id}})
+
+    async def CancelToolCall(
+        self, request: tools_pb2.CancelToolCallRequest, context
+    ) -> tools_pb2.CancelToolCallResponse:
+        """Stop the call running under (tenant, tool, key) here or, through the idempotency
+        store, on another replica. INVALID_ARGUMENT for an empty name or a malformed key."""
+        if not request.name:
+            raise invalid_argument("name is empty: give the tool of the call to cancel")
+        if not IDEMPOTENCY_KEY.match(request.idempotency_key):
+            raise invalid_argument("idempotency_key must be 1..128 printable ASCII characters")
+        key = idempotency.scoped_key(current_tenant(), request.name, request.idempotency_key)
+        marked = await self._service.idempotency.request_cancel(key)
+        task = self._detachable.get(key)
+        if task is not None and not task.done():
+            task.cancel()
+        log.info("tool call cancel requested", extra={"fields": {"tool": request.name, "running": marked}})
+        return tools_pb2.CancelToolCallResponse(cancelled=marked or task is not None)
 
     async def _claim(
         self, request: tools_pb2.ExecuteToolRequest, tool: Tool, arguments: dict[str, Any], runtime_s: float
@@ -341,6 +467,7 @@ class ToolsService(Service):
         self._tools = tools
         self._downstream = Downstream(mesh, max_message_bytes=settings.max_message_bytes)
         self._registry: ToolRegistry | None = None
+        self._servicer: ToolServicer | None = None
         self.sandbox: Sandbox | None = None
         self.mcp: McpTools | None = None
         self.idempotency: idempotency.IdempotencyStore = idempotency.MemoryIdempotencyStore(
@@ -348,7 +475,8 @@ class ToolsService(Service):
         )
 
     def register(self, server: grpc.aio.Server) -> None:
-        tools_pb2_grpc.add_ToolServiceServicer_to_server(ToolServicer(self), server)
+        self._servicer = ToolServicer(self)
+        tools_pb2_grpc.add_ToolServiceServicer_to_server(self._servicer, server)
 
     async def start(self) -> None:
         """Build the registry and connect the MCP servers. A tool with an invalid schema or an
@@ -415,6 +543,12 @@ class ToolsService(Service):
         return True, "; ".join(notes)
 
     async def stop(self) -> None:
+        if self._servicer is not None:  # calls that outlived their callers: stopped, claims released
+            running = [t for t in self._servicer._detachable.values() if not t.done()]
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.wait(running, timeout=5)
         if self.mcp is not None:
             await self.mcp.stop()
         await self.idempotency.close()

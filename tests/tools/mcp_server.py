@@ -45,6 +45,16 @@ async def sleep(seconds: float, marker: str) -> str:
 
 
 @server.tool()
+async def tally(path: str, delay_s: float) -> int:
+    """A side effect first (append a line to the file `path`), then wait `delay_s` seconds; returns
+    the lines the file has, i.e. how many times the tool ran."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("ran\n")
+    await anyio.sleep(delay_s)
+    return len(Path(path).read_text(encoding="utf-8").splitlines())
+
+
+@server.tool()
 def fail(reason: str) -> str:
     """Always fails with `reason`."""
     raise ToolError(reason)

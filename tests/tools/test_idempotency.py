@@ -36,12 +36,19 @@ class Counter(Tool):
 
     def __init__(self):
         self.runs = 0
+        self.finished = 0
+        self.cancelled = asyncio.Event()
         self.fail_next_with_status = False
 
     async def run(self, arguments, progress):
         self.runs += 1
         await progress(f"run {self.runs}", None)
-        await asyncio.sleep(arguments.get("seconds", 0))
+        try:
+            await asyncio.sleep(arguments.get("seconds", 0))
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        self.finished += 1
         if arguments.get("fail") == "error":
             raise ToolError(f"failed on run {self.runs}")
         if self.fail_next_with_status:
@@ -50,10 +57,20 @@ class Counter(Tool):
         return ToolOutput(output={"label": arguments["label"], "run": self.runs})
 
 
-def request(key: str, tenant_label: str = "a", **arguments) -> tools_pb2.ExecuteToolRequest:
+def request(key: str, tenant_label: str = "a", detach: bool = False, **arguments) -> tools_pb2.ExecuteToolRequest:
     args = struct_pb2.Struct()
     args.update({"label": tenant_label, **arguments})
-    return tools_pb2.ExecuteToolRequest(name="counter", arguments=args, idempotency_key=key, tool_call_id="call_i")
+    return tools_pb2.ExecuteToolRequest(
+        name="counter", arguments=args, idempotency_key=key, tool_call_id="call_i", continue_on_disconnect=detach
+    )
+
+
+async def start_then_leave(stub, req, tenant: str = "acme") -> None:
+    """Start a call, read its first (progress) event, then go away as a dead client would."""
+    call = stub.ExecuteTool(req, metadata=(("x-tenant-id", tenant),), timeout=20)
+    first = await call.read()
+    assert first.WhichOneof("event") == "progress"
+    call.cancel()
 
 
 async def execute(stub, req, tenant: str = "acme") -> list[tools_pb2.ExecuteToolResponse]:
@@ -193,3 +210,89 @@ async def test_the_in_process_store_is_a_bounded_lru():
         assert not (await execute(stub, request("a")))[-1].result.replayed
     assert counter.runs == 4
     assert isinstance(service.idempotency, MemoryIdempotencyStore)
+
+
+# ------------------------------------------------------------------------ continue_on_disconnect
+
+
+async def test_a_call_that_continues_on_disconnect_outlives_its_caller_and_the_retry_gets_its_result(service):
+    stub, counter, kind = service
+    counter.cancelled.clear()
+    before, finished = counter.runs, counter.finished
+    await start_then_leave(stub, request(f"d1-{kind}", detach=True, seconds=0.6))
+    # The retry (e.g. by the replica that took the caller's run over) waits for the first call.
+    retry = (await execute(stub, request(f"d1-{kind}", detach=True, seconds=0.6)))[-1].result
+    assert retry.replayed and json_format.MessageToDict(retry.output) == {"label": "a", "run": before + 1}
+    assert (counter.runs, counter.finished) == (before + 1, finished + 1)
+    assert not counter.cancelled.is_set()
+
+
+async def test_without_continue_on_disconnect_a_caller_going_away_stops_the_tool(service):
+    stub, counter, kind = service
+    counter.cancelled.clear()
+    before = counter.runs
+    await start_then_leave(stub, request(f"d2-{kind}", seconds=5))
+    await asyncio.wait_for(counter.cancelled.wait(), 2)
+    retry = (await execute(stub, request(f"d2-{kind}")))[-1].result  # the claim was released
+    assert not retry.replayed and counter.runs == before + 2
+
+
+async def test_cancel_tool_call_stops_a_call_whose_caller_still_listens(service):
+    stub, counter, kind = service
+    counter.cancelled.clear()
+    call = stub.ExecuteTool(request(f"d3-{kind}", detach=True, seconds=30), metadata=(("x-tenant-id", "acme"),),
+                            timeout=20)
+    assert (await call.read()).WhichOneof("event") == "progress"
+    reply = await stub.CancelToolCall(
+        tools_pb2.CancelToolCallRequest(name="counter", idempotency_key=f"d3-{kind}"), metadata=(("x-tenant-id", "acme"),)
+    )
+    assert reply.cancelled
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call.read()
+    assert err.value.code() == grpc.StatusCode.CANCELLED and "was cancelled" in err.value.details()
+    assert counter.cancelled.is_set()
+    # Nothing was stored: the key runs the tool again; a finished call is not "cancelled".
+    before = counter.runs
+    again = (await execute(stub, request(f"d3-{kind}", detach=True)))[-1].result
+    assert not again.replayed and counter.runs == before + 1
+    reply = await stub.CancelToolCall(
+        tools_pb2.CancelToolCallRequest(name="counter", idempotency_key=f"d3-{kind}"), metadata=(("x-tenant-id", "acme"),)
+    )
+    assert not reply.cancelled
+
+
+async def test_continue_on_disconnect_needs_a_key_and_cancel_needs_a_name_and_key(service):
+    stub, _, _ = service
+    bad = request("", detach=True)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await execute(stub, bad)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "needs an idempotency_key" in err.value.details()
+    for name, key in (("", "k"), ("counter", ""), ("counter", "x" * 129)):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.CancelToolCall(tools_pb2.CancelToolCallRequest(name=name, idempotency_key=key))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_cancel_tool_call_on_another_replica_stops_a_detached_call(redis_server):
+    """The call runs on replica A, its caller is gone; CancelToolCall lands on replica B."""
+    settings = dict(redis_url=redis_server.url, idempotency_ttl_s=120, cancel_poll_s=0.1)
+    one, two = Counter(), Counter()
+    md = (("x-tenant-id", "acme"),)
+    async with running_service(ToolsService(ToolsSettings(**settings), tools=[one])) as a:
+        async with running_service(ToolsService(ToolsSettings(**settings), tools=[two])) as b:
+            async with grpc.aio.insecure_channel(a) as ca, grpc.aio.insecure_channel(b) as cb:
+                stub_a, stub_b = tools_pb2_grpc.ToolServiceStub(ca), tools_pb2_grpc.ToolServiceStub(cb)
+                await start_then_leave(stub_a, request("remote", detach=True, seconds=30))
+                await asyncio.sleep(0.3)
+                assert not one.cancelled.is_set()  # the caller left; the call goes on
+                started = asyncio.get_running_loop().time()
+                reply = await stub_b.CancelToolCall(
+                    tools_pb2.CancelToolCallRequest(name="counter", idempotency_key="remote"), metadata=md
+                )
+                assert reply.cancelled
+                await asyncio.wait_for(one.cancelled.wait(), 1.0)
+                assert asyncio.get_running_loop().time() - started < 1.0
+                # The claim is released (a retry racing the release waits for it): the key runs the
+                # tool again, here on B.
+                result = [i async for i in stub_b.ExecuteTool(request("remote", detach=True), metadata=md, timeout=20)]
+                assert not result[-1].result.replayed and two.runs == 1

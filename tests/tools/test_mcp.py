@@ -97,7 +97,7 @@ async def test_mcp_tools_are_listed_namespaced_with_their_schemas(mcp):
     stub, _ = mcp
     reply = await stub.ListTools(tools_pb2.ListToolsRequest(), timeout=5)
     names = [t.name for t in reply.tools]
-    assert names == ["demo__add", "demo__count", "demo__sleep", "demo__fail", "demo__text_upper"]
+    assert names == ["demo__add", "demo__count", "demo__sleep", "demo__tally", "demo__fail", "demo__text_upper"]
     add = reply.tools[0]
     assert add.description == "Add two numbers."
     schema = json_format.MessageToDict(add.parameters_schema)

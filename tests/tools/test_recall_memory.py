@@ -51,6 +51,11 @@ async def memory_address(tmp_path_factory) -> AsyncIterator[str]:
                 await stub.AppendMessages(
                     memory_pb2.AppendMessagesRequest(session_id="s1", messages=other), metadata=md("globex"), timeout=10
                 )
+                ada = [common_pb2.Message(role=common_pb2.ROLE_USER, content="Ship my order to 3 Quay Lane, Porto.")]
+                await stub.AppendMessages(
+                    memory_pb2.AppendMessagesRequest(session_id="s1", user_id="ada", messages=ada),
+                    metadata=md("acme"), timeout=10,
+                )
             yield address
     finally:
         redis.stop()
@@ -63,10 +68,12 @@ async def tools(memory_address) -> AsyncIterator[tools_pb2_grpc.ToolServiceStub]
         yield tools_pb2_grpc.ToolServiceStub(channel)
 
 
-async def recall(stub, tenant: str, session_id: str, **arguments) -> tools_pb2.ToolResult:
+async def recall(stub, tenant: str, session_id: str, user_id: str = "", **arguments) -> tools_pb2.ToolResult:
     args = struct_pb2.Struct()
     args.update(arguments)
-    request = tools_pb2.ExecuteToolRequest(name="recall_memory", arguments=args, session_id=session_id)
+    request = tools_pb2.ExecuteToolRequest(
+        name="recall_memory", arguments=args, session_id=session_id, user_id=user_id
+    )
     items = [i async for i in stub.ExecuteTool(request, metadata=md(tenant), timeout=10)]
     return items[-1].result
 
@@ -96,6 +103,12 @@ async def test_top_k_and_no_match(tools):
 async def test_the_tenant_is_propagated_to_memory(tools):
     output = json_format.MessageToDict((await recall(tools, "globex", "s1", query="address")).output)
     assert [m["content"] for m in output["messages"]] == ["My address is 5 Elm Road, Leeds."]
+
+
+async def test_the_user_of_the_call_picks_the_session(tools):
+    """The same session id of another user (ExecuteToolRequest.user_id) is another session."""
+    output = json_format.MessageToDict((await recall(tools, "acme", "s1", user_id="ada", query="ship order")).output)
+    assert [m["content"] for m in output["messages"]] == ["Ship my order to 3 Quay Lane, Porto."]
 
 
 async def test_a_call_without_a_session_is_an_error_result(tools):
