@@ -22,6 +22,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY gen/ gen/
 COPY services/ services/
+COPY clients/python/ clients/python/
 # A regular (not editable) install: the image needs no source tree. Importing every service
 # fails the build when a subpackage is missing from pyproject.toml's package list.
 RUN pip install . \

@@ -10,13 +10,13 @@ BUF    := node_modules/.bin/buf
 AGAINST ?= .git\#branch=main,subdir=protos
 DEMO_QUESTION ?= How do I parse a JSON string into a Python object?
 
-.PHONY: help install run up down status chat ingest test pytest lint-protos breaking generate check-generated check-chart k8s bench bench-router bench-memory bench-orchestrator bench-sandbox bench-retrieval clean
+.PHONY: help install run up down status chat ingest test pytest lint-protos breaking generate check-generated check-chart k8s bench bench-router bench-memory bench-orchestrator bench-sandbox bench-retrieval bench-e2e bench-soak clean
 
 help:
 	@echo "make run       start the whole mesh locally, ingest the demo corpus, stream a demo answer"
 	@echo "make down      stop the mesh"
 	@echo "make test      every check CI runs (proto lint + breaking + generated code + pytest)"
-	@echo "make generate  regenerate gen/python from protos/"
+	@echo "make generate  regenerate gen/ (Python, TypeScript, API reference docs) from protos/"
 	@echo "make k8s       regenerate k8s/ from the Helm chart"
 
 # --- installation ---------------------------------------------------------------------------
@@ -33,7 +33,13 @@ node_modules/.installed: package.json package-lock.json
 	npm install --no-audit --no-fund --loglevel=error
 	touch $@
 
-install: $(VENV)/.installed node_modules/.installed
+# The TypeScript client example: its protoc-gen-es also generates gen/ts (scripts/generate_protos.sh).
+NODE_CLIENT := clients/node/node_modules/.installed
+$(NODE_CLIENT): clients/node/package.json clients/node/package-lock.json
+	npm ci --prefix clients/node --no-audit --no-fund --loglevel=error
+	touch $@
+
+install: $(VENV)/.installed node_modules/.installed $(NODE_CLIENT)
 
 # --- running --------------------------------------------------------------------------------
 run: $(VENV)/.installed
@@ -55,10 +61,10 @@ status:
 	$(BIN)/agentmesh status
 
 # --- contracts ------------------------------------------------------------------------------
-generate: $(VENV)/.installed
+generate: $(VENV)/.installed $(NODE_CLIENT)
 	PYTHON=$(PY) scripts/generate_protos.sh
 
-check-generated: $(VENV)/.installed
+check-generated: $(VENV)/.installed $(NODE_CLIENT)
 	PYTHON=$(PY) scripts/generate_protos.sh --check
 
 lint-protos: node_modules/.installed
@@ -94,13 +100,21 @@ bench-sandbox: $(VENV)/.installed
 bench-retrieval: $(VENV)/.installed
 	$(PY) -m bench.retrieval
 
-bench: bench-router bench-memory bench-orchestrator bench-sandbox bench-retrieval
+# The whole mesh through Envoy against a fake provider streaming at a fixed rate (issue 8).
+bench-e2e: $(VENV)/.installed
+	$(PY) -m bench.e2e
+
+# Ten minutes of steady load; RSS of every process over time (bench/results/e2e_soak.json).
+bench-soak: $(VENV)/.installed
+	$(PY) -m bench.e2e --soak-s 600
+
+bench: bench-router bench-memory bench-orchestrator bench-sandbox bench-retrieval bench-e2e
 
 # --- tests ----------------------------------------------------------------------------------
-pytest: $(VENV)/.installed node_modules/.installed
+pytest: $(VENV)/.installed node_modules/.installed $(NODE_CLIENT)
 	$(PY) -m pytest -q
 
 test: lint-protos breaking check-generated check-chart pytest
 
 clean:
-	rm -rf $(VENV) node_modules .agentmesh .pytest_cache
+	rm -rf $(VENV) node_modules clients/node/node_modules clients/node/dist .agentmesh .pytest_cache

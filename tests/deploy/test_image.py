@@ -81,8 +81,8 @@ def build_context(tmp_path: Path) -> Path:
 
 def test_the_build_context_holds_exactly_what_the_dockerfile_copies(tmp_path):
     context = build_context(tmp_path)
-    copied = {p.rstrip("/") for i, a in instructions() if i == "COPY" and not a.startswith("--from") for p in a.split()[:-1]}
-    assert copied == {p.name for p in context.iterdir()} == {"pyproject.toml", "README.md", "gen", "services"}
+    copied = {p.split("/")[0] for i, a in instructions() if i == "COPY" and not a.startswith("--from") for p in a.split()[:-1]}
+    assert copied == {p.name for p in context.iterdir()} == {"pyproject.toml", "README.md", "gen", "services", "clients"}
     assert not list(context.rglob("__pycache__"))
 
 

@@ -1,0 +1,100 @@
+"""What the sync and the async client share: stubs, per-call metadata and deadlines."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from agentmesh.agent.v1 import agent_pb2, agent_pb2_grpc
+from agentmesh.client.config import REQUEST_ID_HEADER, CallKind, ClientConfig
+from agentmesh.common.v1 import common_pb2
+from agentmesh.llm.v1 import llm_pb2, llm_pb2_grpc
+from agentmesh.memory.v1 import memory_pb2_grpc
+from agentmesh.retrieval.v1 import retrieval_pb2_grpc
+from agentmesh.tools.v1 import tools_pb2_grpc
+
+
+class Stubs:
+    """The generated stubs of every AgentMesh service, on one channel to the gateway. For methods
+    the client does not wrap, call them with ``**client.call_options()`` and turn errors into typed
+    ones with :func:`~agentmesh.client.error_from_rpc`."""
+
+    def __init__(self, channel: Any) -> None:
+        self.agent = agent_pb2_grpc.AgentServiceStub(channel)
+        self.memory = memory_pb2_grpc.MemoryServiceStub(channel)
+        self.retrieval = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+        self.llm = llm_pb2_grpc.LLMServiceStub(channel)
+        self.tools = tools_pb2_grpc.ToolServiceStub(channel)
+
+
+@dataclass(frozen=True)
+class IngestProgress:
+    """Progress of an ingestion upload, reported after each document has been handed to gRPC.
+
+    Attributes:
+        documents_sent: documents sent so far.
+        bytes_sent: serialized size of the messages sent so far, in bytes.
+    """
+
+    documents_sent: int
+    bytes_sent: int
+
+
+def new_request_id() -> str:
+    """A fresh ``x-request-id`` (32 hex characters); the gateway keeps a client's own id."""
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """One call's ``x-request-id`` and deadline (a ``time.monotonic()`` value; None for none)."""
+
+    request_id: str
+    deadline: float | None
+
+
+class CallSettings:
+    """Deadline and metadata of each call, from one :class:`ClientConfig`."""
+
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self._metadata = config.metadata()
+
+    def timeout(self, kind: CallKind, override: float | None) -> float | None:
+        if override is not None:
+            if not override > 0:
+                raise ValueError(f"timeout must be a positive number of seconds, got {override!r}")
+            return override
+        return self.config.timeouts.for_kind(kind)
+
+    def prepare(self, kind: CallKind, timeout: float | None) -> tuple[dict[str, Any], CallInfo]:
+        """The ``timeout`` and ``metadata`` keyword arguments of one call, and what errors need."""
+        seconds = self.timeout(kind, timeout)
+        info = CallInfo(new_request_id(), None if seconds is None else time.monotonic() + seconds)
+        return {"timeout": seconds, "metadata": (*self._metadata, (REQUEST_ID_HEADER, info.request_id))}, info
+
+
+def run_event(item: Any) -> agent_pb2.RunResponse:
+    # ResumeRunResponse / ResolveInterruptResponse wrap the run's own event.
+    return item.event
+
+
+def llm_request(
+    kind: Any,
+    messages: Sequence[common_pb2.Message],
+    model: str,
+    tools: Sequence[common_pb2.ToolDefinition],
+    context: Sequence[common_pb2.Chunk],
+    max_tokens: int,
+    temperature: float | None,
+    routing: llm_pb2.RoutingOptions | None,
+) -> Any:
+    options = llm_pb2.GenerationOptions(max_tokens=max_tokens)
+    if temperature is not None:
+        options.temperature = temperature
+    return kind(
+        model=model, messages=list(messages), tools=list(tools), context=list(context), options=options, routing=routing
+    )
