@@ -109,6 +109,11 @@ class SentenceTransformerEmbedder(Embedder):
         # No model hub here or in production pods: the weights are local files.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        # OpenMP (libgomp, read when torch loads, i.e. just below) otherwise keeps its worker
+        # threads spin-waiting after every call, burning the cores the gRPC loop and the other
+        # services need: on 2 shared cores one query embedding took 339 ms (107 ms CPU) with the
+        # default policy and 10.7 ms with PASSIVE (bench/e2e.py, 50 concurrent runs).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from sentence_transformers import SentenceTransformer  # noqa: PLC0415 - heavy import, only when loading
 
         path = self._path
