@@ -65,7 +65,7 @@ RUN_PHASE_INTERRUPTED: RunPhase
 RUN_PHASE_FINISHED: RunPhase
 
 class RunRequest(_message.Message):
-    __slots__ = ("session_id", "input", "model", "tools", "max_steps", "max_tokens", "collection", "top_k", "disable_retrieval", "agent", "on_disconnect")
+    __slots__ = ("session_id", "input", "model", "tools", "max_steps", "max_tokens", "collection", "top_k", "disable_retrieval", "agent", "on_disconnect", "user_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,7 @@ class RunRequest(_message.Message):
     DISABLE_RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
     AGENT_FIELD_NUMBER: _ClassVar[int]
     ON_DISCONNECT_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     input: str
     model: str
@@ -88,7 +89,8 @@ class RunRequest(_message.Message):
     disable_retrieval: bool
     agent: str
     on_disconnect: OnDisconnect
-    def __init__(self, session_id: _Optional[str] = ..., input: _Optional[str] = ..., model: _Optional[str] = ..., tools: _Optional[_Iterable[str]] = ..., max_steps: _Optional[int] = ..., max_tokens: _Optional[int] = ..., collection: _Optional[str] = ..., top_k: _Optional[int] = ..., disable_retrieval: _Optional[bool] = ..., agent: _Optional[str] = ..., on_disconnect: _Optional[_Union[OnDisconnect, str]] = ...) -> None: ...
+    user_id: str
+    def __init__(self, session_id: _Optional[str] = ..., input: _Optional[str] = ..., model: _Optional[str] = ..., tools: _Optional[_Iterable[str]] = ..., max_steps: _Optional[int] = ..., max_tokens: _Optional[int] = ..., collection: _Optional[str] = ..., top_k: _Optional[int] = ..., disable_retrieval: _Optional[bool] = ..., agent: _Optional[str] = ..., on_disconnect: _Optional[_Union[OnDisconnect, str]] = ..., user_id: _Optional[str] = ...) -> None: ...
 
 class RunStarted(_message.Message):
     __slots__ = ("run_id", "session_id", "request_id", "agent")
@@ -103,14 +105,18 @@ class RunStarted(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., session_id: _Optional[str] = ..., request_id: _Optional[str] = ..., agent: _Optional[str] = ...) -> None: ...
 
 class MemoryLoaded(_message.Message):
-    __slots__ = ("messages", "tokens", "messages_omitted")
+    __slots__ = ("messages", "tokens", "messages_omitted", "facts", "notice")
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_OMITTED_FIELD_NUMBER: _ClassVar[int]
+    FACTS_FIELD_NUMBER: _ClassVar[int]
+    NOTICE_FIELD_NUMBER: _ClassVar[int]
     messages: int
     tokens: int
     messages_omitted: int
-    def __init__(self, messages: _Optional[int] = ..., tokens: _Optional[int] = ..., messages_omitted: _Optional[int] = ...) -> None: ...
+    facts: int
+    notice: str
+    def __init__(self, messages: _Optional[int] = ..., tokens: _Optional[int] = ..., messages_omitted: _Optional[int] = ..., facts: _Optional[int] = ..., notice: _Optional[str] = ...) -> None: ...
 
 class RetrievalCompleted(_message.Message):
     __slots__ = ("chunks",)
@@ -155,20 +161,22 @@ class ToolCallProgress(_message.Message):
     def __init__(self, tool_call_id: _Optional[str] = ..., message: _Optional[str] = ..., fraction: _Optional[float] = ...) -> None: ...
 
 class ToolCallCompleted(_message.Message):
-    __slots__ = ("tool_call_id", "name", "output", "is_error", "error_message", "duration_ms")
+    __slots__ = ("tool_call_id", "name", "output", "is_error", "error_message", "duration_ms", "replayed")
     TOOL_CALL_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     IS_ERROR_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
     tool_call_id: str
     name: str
     output: _struct_pb2.Value
     is_error: bool
     error_message: str
     duration_ms: int
-    def __init__(self, tool_call_id: _Optional[str] = ..., name: _Optional[str] = ..., output: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., is_error: _Optional[bool] = ..., error_message: _Optional[str] = ..., duration_ms: _Optional[int] = ...) -> None: ...
+    replayed: bool
+    def __init__(self, tool_call_id: _Optional[str] = ..., name: _Optional[str] = ..., output: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., is_error: _Optional[bool] = ..., error_message: _Optional[str] = ..., duration_ms: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class RunCompleted(_message.Message):
     __slots__ = ("status", "output", "usage", "citations", "steps", "session_version", "cost_usd")
@@ -401,7 +409,7 @@ class GetRunResponse(_message.Message):
     def __init__(self, run: _Optional[_Union[RunInfo, _Mapping]] = ...) -> None: ...
 
 class RunInfo(_message.Message):
-    __slots__ = ("run_id", "session_id", "agent", "phase", "status", "last_sequence", "first_sequence", "steps", "usage", "cost_usd", "output", "interrupt", "created_at_ms", "updated_at_ms", "error_message", "replica")
+    __slots__ = ("run_id", "session_id", "agent", "phase", "status", "last_sequence", "first_sequence", "steps", "usage", "cost_usd", "output", "interrupt", "created_at_ms", "updated_at_ms", "error_message", "replica", "user_id")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     AGENT_FIELD_NUMBER: _ClassVar[int]
@@ -418,6 +426,7 @@ class RunInfo(_message.Message):
     UPDATED_AT_MS_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     session_id: str
     agent: str
@@ -434,7 +443,8 @@ class RunInfo(_message.Message):
     updated_at_ms: int
     error_message: str
     replica: str
-    def __init__(self, run_id: _Optional[str] = ..., session_id: _Optional[str] = ..., agent: _Optional[str] = ..., phase: _Optional[_Union[RunPhase, str]] = ..., status: _Optional[_Union[RunStatus, str]] = ..., last_sequence: _Optional[int] = ..., first_sequence: _Optional[int] = ..., steps: _Optional[int] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cost_usd: _Optional[float] = ..., output: _Optional[str] = ..., interrupt: _Optional[_Union[RunInterrupted, _Mapping]] = ..., created_at_ms: _Optional[int] = ..., updated_at_ms: _Optional[int] = ..., error_message: _Optional[str] = ..., replica: _Optional[str] = ...) -> None: ...
+    user_id: str
+    def __init__(self, run_id: _Optional[str] = ..., session_id: _Optional[str] = ..., agent: _Optional[str] = ..., phase: _Optional[_Union[RunPhase, str]] = ..., status: _Optional[_Union[RunStatus, str]] = ..., last_sequence: _Optional[int] = ..., first_sequence: _Optional[int] = ..., steps: _Optional[int] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cost_usd: _Optional[float] = ..., output: _Optional[str] = ..., interrupt: _Optional[_Union[RunInterrupted, _Mapping]] = ..., created_at_ms: _Optional[int] = ..., updated_at_ms: _Optional[int] = ..., error_message: _Optional[str] = ..., replica: _Optional[str] = ..., user_id: _Optional[str] = ...) -> None: ...
 
 class ListAgentsRequest(_message.Message):
     __slots__ = ()

@@ -53,19 +53,21 @@ class AppendMessagesResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., first_sequence: _Optional[int] = ..., message_ids: _Optional[_Iterable[str]] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class GetContextRequest(_message.Message):
-    __slots__ = ("session_id", "token_budget", "user_id", "min_version")
+    __slots__ = ("session_id", "token_budget", "user_id", "min_version", "model")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     token_budget: int
     user_id: str
     min_version: int
-    def __init__(self, session_id: _Optional[str] = ..., token_budget: _Optional[int] = ..., user_id: _Optional[str] = ..., min_version: _Optional[int] = ...) -> None: ...
+    model: str
+    def __init__(self, session_id: _Optional[str] = ..., token_budget: _Optional[int] = ..., user_id: _Optional[str] = ..., min_version: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
 
 class GetContextResponse(_message.Message):
-    __slots__ = ("messages", "tokens_used", "version", "messages_omitted", "pinned_messages", "summary_included", "summary_through_sequence", "first_sequence", "message_ids")
+    __slots__ = ("messages", "tokens_used", "version", "messages_omitted", "pinned_messages", "summary_included", "summary_through_sequence", "first_sequence", "message_ids", "tokenizer", "tokens_approximate")
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     TOKENS_USED_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +77,8 @@ class GetContextResponse(_message.Message):
     SUMMARY_THROUGH_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     FIRST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_APPROXIMATE_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
     tokens_used: int
     version: int
@@ -84,7 +88,9 @@ class GetContextResponse(_message.Message):
     summary_through_sequence: int
     first_sequence: int
     message_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., tokens_used: _Optional[int] = ..., version: _Optional[int] = ..., messages_omitted: _Optional[int] = ..., pinned_messages: _Optional[int] = ..., summary_included: _Optional[bool] = ..., summary_through_sequence: _Optional[int] = ..., first_sequence: _Optional[int] = ..., message_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    tokenizer: str
+    tokens_approximate: bool
+    def __init__(self, messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., tokens_used: _Optional[int] = ..., version: _Optional[int] = ..., messages_omitted: _Optional[int] = ..., pinned_messages: _Optional[int] = ..., summary_included: _Optional[bool] = ..., summary_through_sequence: _Optional[int] = ..., first_sequence: _Optional[int] = ..., message_ids: _Optional[_Iterable[str]] = ..., tokenizer: _Optional[str] = ..., tokens_approximate: _Optional[bool] = ...) -> None: ...
 
 class SessionMessage(_message.Message):
     __slots__ = ("id", "sequence", "message", "created_at_ms", "tokens")

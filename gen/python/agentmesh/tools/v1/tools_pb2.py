@@ -27,7 +27,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x61gentmesh/tools/v1/tools.proto\x12\x12\x61gentmesh.tools.v1\x1a agentmesh/common/v1/common.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\"\x12\n\x10ListToolsRequest\"y\n\x11ListToolsResponse\x12\x32\n\x05tools\x18\x01 \x03(\x0b\x32#.agentmesh.common.v1.ToolDefinition\x12\x30\n\x07\x64\x65tails\x18\x02 \x03(\x0b\x32\x1f.agentmesh.tools.v1.ToolDetails\"\x91\x01\n\x0bToolDetails\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\routput_schema\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06origin\x18\x03 \x01(\t\x12\x1c\n\x14max_concurrent_calls\x18\x04 \x01(\r\x12\x16\n\x0emax_runtime_ms\x18\x05 \x01(\r\"\xa2\x01\n\x12\x45xecuteToolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\targuments\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0ctool_call_id\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x12\n\nsession_id\x18\x05 \x01(\t\x12\x0f\n\x07user_id\x18\x06 \x01(\t\"u\n\x0cToolProgress\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x15\n\x08\x66raction\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x30\n\x06stream\x18\x03 \x01(\x0e\x32 .agentmesh.tools.v1.OutputStreamB\x0b\n\t_fraction\"\xb0\x01\n\nToolResult\x12&\n\x06output\x18\x01 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x10\n\x08is_error\x18\x02 \x01(\x08\x12\x15\n\rerror_message\x18\x03 \x01(\t\x12*\n\x06\x63hunks\x18\x04 \x03(\x0b\x32\x1a.agentmesh.common.v1.Chunk\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\r\x12\x10\n\x08replayed\x18\x06 \x01(\x08\"\x86\x01\n\x13\x45xecuteToolResponse\x12\x34\n\x08progress\x18\x01 \x01(\x0b\x32 .agentmesh.tools.v1.ToolProgressH\x00\x12\x30\n\x06result\x18\x02 \x01(\x0b\x32\x1e.agentmesh.tools.v1.ToolResultH\x00\x42\x07\n\x05\x65vent*a\n\x0cOutputStream\x12\x1d\n\x19OUTPUT_STREAM_UNSPECIFIED\x10\x00\x12\x18\n\x14OUTPUT_STREAM_STDOUT\x10\x01\x12\x18\n\x14OUTPUT_STREAM_STDERR\x10\x02\x32\x82\x02\n\x0bToolService\x12k\n\tListTools\x12$.agentmesh.tools.v1.ListToolsRequest\x1a%.agentmesh.tools.v1.ListToolsResponse\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/tools\x12\x85\x01\n\x0b\x45xecuteTool\x12&.agentmesh.tools.v1.ExecuteToolRequest\x1a\'.agentmesh.tools.v1.ExecuteToolResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/tools/{name}:execute:\x01*0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x61gentmesh/tools/v1/tools.proto\x12\x12\x61gentmesh.tools.v1\x1a agentmesh/common/v1/common.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\"\x12\n\x10ListToolsRequest\"y\n\x11ListToolsResponse\x12\x32\n\x05tools\x18\x01 \x03(\x0b\x32#.agentmesh.common.v1.ToolDefinition\x12\x30\n\x07\x64\x65tails\x18\x02 \x03(\x0b\x32\x1f.agentmesh.tools.v1.ToolDetails\"\x91\x01\n\x0bToolDetails\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\routput_schema\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06origin\x18\x03 \x01(\t\x12\x1c\n\x14max_concurrent_calls\x18\x04 \x01(\r\x12\x16\n\x0emax_runtime_ms\x18\x05 \x01(\r\"\xc2\x01\n\x12\x45xecuteToolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\targuments\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0ctool_call_id\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x12\n\nsession_id\x18\x05 \x01(\t\x12\x0f\n\x07user_id\x18\x06 \x01(\t\x12\x1e\n\x16\x63ontinue_on_disconnect\x18\x07 \x01(\x08\"u\n\x0cToolProgress\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x15\n\x08\x66raction\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x30\n\x06stream\x18\x03 \x01(\x0e\x32 .agentmesh.tools.v1.OutputStreamB\x0b\n\t_fraction\"\xb0\x01\n\nToolResult\x12&\n\x06output\x18\x01 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x10\n\x08is_error\x18\x02 \x01(\x08\x12\x15\n\rerror_message\x18\x03 \x01(\t\x12*\n\x06\x63hunks\x18\x04 \x03(\x0b\x32\x1a.agentmesh.common.v1.Chunk\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\r\x12\x10\n\x08replayed\x18\x06 \x01(\x08\"\x86\x01\n\x13\x45xecuteToolResponse\x12\x34\n\x08progress\x18\x01 \x01(\x0b\x32 .agentmesh.tools.v1.ToolProgressH\x00\x12\x30\n\x06result\x18\x02 \x01(\x0b\x32\x1e.agentmesh.tools.v1.ToolResultH\x00\x42\x07\n\x05\x65vent\">\n\x15\x43\x61ncelToolCallRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"+\n\x16\x43\x61ncelToolCallResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08*a\n\x0cOutputStream\x12\x1d\n\x19OUTPUT_STREAM_UNSPECIFIED\x10\x00\x12\x18\n\x14OUTPUT_STREAM_STDOUT\x10\x01\x12\x18\n\x14OUTPUT_STREAM_STDERR\x10\x02\x32\x90\x03\n\x0bToolService\x12k\n\tListTools\x12$.agentmesh.tools.v1.ListToolsRequest\x1a%.agentmesh.tools.v1.ListToolsResponse\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/tools\x12\x85\x01\n\x0b\x45xecuteTool\x12&.agentmesh.tools.v1.ExecuteToolRequest\x1a\'.agentmesh.tools.v1.ExecuteToolResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/tools/{name}:execute:\x01*0\x01\x12\x8b\x01\n\x0e\x43\x61ncelToolCall\x12).agentmesh.tools.v1.CancelToolCallRequest\x1a*.agentmesh.tools.v1.CancelToolCallResponse\"\"\x82\xd3\xe4\x93\x02\x1c\"\x17/v1/tools/{name}:cancel:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,8 +38,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOOLSERVICE'].methods_by_name['ListTools']._serialized_options = b'\202\323\344\223\002\013\022\t/v1/tools'
   _globals['_TOOLSERVICE'].methods_by_name['ExecuteTool']._loaded_options = None
   _globals['_TOOLSERVICE'].methods_by_name['ExecuteTool']._serialized_options = b'\202\323\344\223\002\035\"\030/v1/tools/{name}:execute:\001*'
-  _globals['_OUTPUTSTREAM']._serialized_start=1039
-  _globals['_OUTPUTSTREAM']._serialized_end=1136
+  _globals['_TOOLSERVICE'].methods_by_name['CancelToolCall']._loaded_options = None
+  _globals['_TOOLSERVICE'].methods_by_name['CancelToolCall']._serialized_options = b'\202\323\344\223\002\034\"\027/v1/tools/{name}:cancel:\001*'
+  _globals['_OUTPUTSTREAM']._serialized_start=1180
+  _globals['_OUTPUTSTREAM']._serialized_end=1277
   _globals['_LISTTOOLSREQUEST']._serialized_start=148
   _globals['_LISTTOOLSREQUEST']._serialized_end=166
   _globals['_LISTTOOLSRESPONSE']._serialized_start=168
@@ -47,13 +49,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOOLDETAILS']._serialized_start=292
   _globals['_TOOLDETAILS']._serialized_end=437
   _globals['_EXECUTETOOLREQUEST']._serialized_start=440
-  _globals['_EXECUTETOOLREQUEST']._serialized_end=602
-  _globals['_TOOLPROGRESS']._serialized_start=604
-  _globals['_TOOLPROGRESS']._serialized_end=721
-  _globals['_TOOLRESULT']._serialized_start=724
-  _globals['_TOOLRESULT']._serialized_end=900
-  _globals['_EXECUTETOOLRESPONSE']._serialized_start=903
-  _globals['_EXECUTETOOLRESPONSE']._serialized_end=1037
-  _globals['_TOOLSERVICE']._serialized_start=1139
-  _globals['_TOOLSERVICE']._serialized_end=1397
+  _globals['_EXECUTETOOLREQUEST']._serialized_end=634
+  _globals['_TOOLPROGRESS']._serialized_start=636
+  _globals['_TOOLPROGRESS']._serialized_end=753
+  _globals['_TOOLRESULT']._serialized_start=756
+  _globals['_TOOLRESULT']._serialized_end=932
+  _globals['_EXECUTETOOLRESPONSE']._serialized_start=935
+  _globals['_EXECUTETOOLRESPONSE']._serialized_end=1069
+  _globals['_CANCELTOOLCALLREQUEST']._serialized_start=1071
+  _globals['_CANCELTOOLCALLREQUEST']._serialized_end=1133
+  _globals['_CANCELTOOLCALLRESPONSE']._serialized_start=1135
+  _globals['_CANCELTOOLCALLRESPONSE']._serialized_end=1178
+  _globals['_TOOLSERVICE']._serialized_start=1280
+  _globals['_TOOLSERVICE']._serialized_end=1680
 # @@protoc_insertion_point(module_scope)

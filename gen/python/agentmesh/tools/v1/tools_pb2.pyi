@@ -46,20 +46,22 @@ class ToolDetails(_message.Message):
     def __init__(self, name: _Optional[str] = ..., output_schema: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., origin: _Optional[str] = ..., max_concurrent_calls: _Optional[int] = ..., max_runtime_ms: _Optional[int] = ...) -> None: ...
 
 class ExecuteToolRequest(_message.Message):
-    __slots__ = ("name", "arguments", "tool_call_id", "idempotency_key", "session_id", "user_id")
+    __slots__ = ("name", "arguments", "tool_call_id", "idempotency_key", "session_id", "user_id", "continue_on_disconnect")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALL_ID_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTINUE_ON_DISCONNECT_FIELD_NUMBER: _ClassVar[int]
     name: str
     arguments: _struct_pb2.Struct
     tool_call_id: str
     idempotency_key: str
     session_id: str
     user_id: str
-    def __init__(self, name: _Optional[str] = ..., arguments: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., tool_call_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., session_id: _Optional[str] = ..., user_id: _Optional[str] = ...) -> None: ...
+    continue_on_disconnect: bool
+    def __init__(self, name: _Optional[str] = ..., arguments: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., tool_call_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., session_id: _Optional[str] = ..., user_id: _Optional[str] = ..., continue_on_disconnect: _Optional[bool] = ...) -> None: ...
 
 class ToolProgress(_message.Message):
     __slots__ = ("message", "fraction", "stream")
@@ -94,3 +96,17 @@ class ExecuteToolResponse(_message.Message):
     progress: ToolProgress
     result: ToolResult
     def __init__(self, progress: _Optional[_Union[ToolProgress, _Mapping]] = ..., result: _Optional[_Union[ToolResult, _Mapping]] = ...) -> None: ...
+
+class CancelToolCallRequest(_message.Message):
+    __slots__ = ("name", "idempotency_key")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    idempotency_key: str
+    def __init__(self, name: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class CancelToolCallResponse(_message.Message):
+    __slots__ = ("cancelled",)
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    cancelled: bool
+    def __init__(self, cancelled: _Optional[bool] = ...) -> None: ...

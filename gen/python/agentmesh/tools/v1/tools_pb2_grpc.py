@@ -45,6 +45,11 @@ class ToolServiceStub:
                 request_serializer=agentmesh_dot_tools_dot_v1_dot_tools__pb2.ExecuteToolRequest.SerializeToString,
                 response_deserializer=agentmesh_dot_tools_dot_v1_dot_tools__pb2.ExecuteToolResponse.FromString,
                 _registered_method=True)
+        self.CancelToolCall = channel.unary_unary(
+                '/agentmesh.tools.v1.ToolService/CancelToolCall',
+                request_serializer=agentmesh_dot_tools_dot_v1_dot_tools__pb2.CancelToolCallRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_tools_dot_v1_dot_tools__pb2.CancelToolCallResponse.FromString,
+                _registered_method=True)
 
 
 class ToolServiceServicer:
@@ -69,6 +74,19 @@ class ToolServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelToolCall(self, request, context):
+        """CancelToolCall stops the call running under an idempotency key of the caller's tenant, on
+        whichever replica runs it (within about a quarter of a second on another replica when the
+        idempotency store is Redis; at once on this one). It is how a caller stops a call made with
+        `continue_on_disconnect`, which going away does not stop. Nothing is stored for a stopped
+        call, so the key can be used again. A call that already finished keeps its result.
+        INVALID_ARGUMENT for an empty name or a malformed key. Over HTTP:
+        `POST /v1/tools/{name}:cancel` with `{"idempotency_key": "..."}`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ToolServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +99,11 @@ def add_ToolServiceServicer_to_server(servicer, server):
                     servicer.ExecuteTool,
                     request_deserializer=agentmesh_dot_tools_dot_v1_dot_tools__pb2.ExecuteToolRequest.FromString,
                     response_serializer=agentmesh_dot_tools_dot_v1_dot_tools__pb2.ExecuteToolResponse.SerializeToString,
+            ),
+            'CancelToolCall': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelToolCall,
+                    request_deserializer=agentmesh_dot_tools_dot_v1_dot_tools__pb2.CancelToolCallRequest.FromString,
+                    response_serializer=agentmesh_dot_tools_dot_v1_dot_tools__pb2.CancelToolCallResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -138,6 +161,33 @@ class ToolService:
             '/agentmesh.tools.v1.ToolService/ExecuteTool',
             agentmesh_dot_tools_dot_v1_dot_tools__pb2.ExecuteToolRequest.SerializeToString,
             agentmesh_dot_tools_dot_v1_dot_tools__pb2.ExecuteToolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelToolCall(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.tools.v1.ToolService/CancelToolCall',
+            agentmesh_dot_tools_dot_v1_dot_tools__pb2.CancelToolCallRequest.SerializeToString,
+            agentmesh_dot_tools_dot_v1_dot_tools__pb2.CancelToolCallResponse.FromString,
             options,
             channel_credentials,
             insecure,
