@@ -6,10 +6,13 @@ level (default 12). Writes ``bench/results/orchestrator.json`` and prints a tabl
 minute and a half. (Sandbox start-up latency, the issue's other figure, is ``bench.sandbox``.)
 
 Setup (every service a real process, as ``agentmesh up`` runs them, on this 2-core machine):
-- Redis (``start_redis``: AOF on) holding the run checkpoints, event streams and sessions;
+- Redis (``start_redis``: AOF on) holding the sessions and tool idempotency records, and a second
+  one holding the run checkpoints and event streams, so the orchestrator's Redis commands per
+  step can be counted (``INFO commandstats``);
 - the orchestrator (``agentmesh serve orchestrator``, default settings: checkpoints in Redis,
-  events flushed every 20 ms, INFO logs, spans created), with one agent from a YAML file: the
-  calculator as its tool, session memory on, retrieval off, ``max_steps: 4``;
+  events flushed at most ``EVENT_FLUSH_MS`` (100 ms) after they are sent, INFO logs, spans
+  created), with one agent from a YAML file: the calculator as its tool, session memory on,
+  retrieval off, ``max_steps: 4``;
 - the LLM router, the memory service (sessions only) and the tool service, each its own process;
   retrieval is not started (the agent does not retrieve; the orchestrator's readiness says so);
 - the model: the scripted OpenAI fake (``tests.fakes.openai_server``) in its own process, every
@@ -23,11 +26,12 @@ step's wall-clock time (from building the model request to the checkpoint after 
 results) into ``model_ms`` (waiting for the router's stream: router and provider time),
 ``tools_ms`` (waiting for the tool calls: tool service time) and ``overhead_ms``, the rest: the
 orchestrator's own work — the model request, forwarding each delta as an event, reassembling
-tool calls, starting the tool calls, two checkpoints written to Redis (after the model call and
-after the tools), event bookkeeping — and any time its event loop was busy with other runs. The
-table also gives the orchestrator's CPU time per step (process CPU / steps, so per-run work such
-as memory load/append and the run's first and last checkpoints is spread over the steps) and the
-client-observed run time. Under load all of these include waiting for a share of the two cores,
+tool calls, starting the tool calls, the checkpoint written to Redis before the tools run (the
+one after them is written in the background), event bookkeeping — and any time its event loop
+was busy with other runs. The table also gives the orchestrator's CPU time per step (process CPU
+/ steps, so per-run work such as memory load/append and the run's first and last checkpoints is
+spread over the steps), its Redis commands and Lua script calls (EVALSHA: one per write of
+events and/or a checkpoint, plus lease renewals) per step, and the client-observed run time. Under load all of these include waiting for a share of the two cores,
 which the clients, the fake, the router, the tool and memory services and Redis also use.
 
 Target (issue 6): overhead <= 3 ms per step at p50.
@@ -47,6 +51,7 @@ from pathlib import Path
 
 import grpc
 import psutil
+import redis
 
 from agentmesh.agent.v1 import agent_pb2, agent_pb2_grpc
 from agentmesh.services.cli.processes import Proc, free_port, spawn, start_redis
@@ -156,11 +161,13 @@ async def bench(seconds: float) -> dict:
     # Enough identical turns for every level (the fake refuses a request once they run out).
     script = root / "turns.json"
     script.write_text(json.dumps([TURN] * 60_000))
-    ports = {k: free_port() for k in ("redis", "fake", "llm", "memory", "tools", "orchestrator")}
+    ports = {k: free_port() for k in ("redis", "runs_redis", "fake", "llm", "memory", "tools", "orchestrator")}
     redis_url = f"redis://127.0.0.1:{ports['redis']}/0"
     procs: list[Proc] = []
+    runs_redis = redis.Redis(port=ports["runs_redis"])
     try:
         procs.append(start_redis(ports["redis"], root / "redis", logs))
+        procs.append(start_redis(ports["runs_redis"], root / "runs-redis", logs))
         fake = spawn("fake-openai", [sys.executable, "-m", "tests.fakes.openai_server", "--port", str(ports["fake"]),
                                      "--script", str(script)], logs)
         procs.append(fake)
@@ -179,7 +186,7 @@ async def bench(seconds: float) -> dict:
             "AGENTMESH_MEMORY_FACTS_ENABLED": "false",
             "AGENTMESH_MEMORY_COMPACTION_TRIGGER_TOKENS": "0",
             "AGENTMESH_TOOLS_PYTHON_ENABLED": "false",
-            "AGENTMESH_ORCHESTRATOR_REDIS_URL": redis_url,
+            "AGENTMESH_ORCHESTRATOR_REDIS_URL": f"redis://127.0.0.1:{ports['runs_redis']}/0",
             "AGENTMESH_ORCHESTRATOR_AGENTS_PATH": str(agents),
         }
         def serve(kind: str) -> Proc:
@@ -203,10 +210,14 @@ async def bench(seconds: float) -> dict:
                 raise RuntimeError(f"the check run did not make {STEPS_PER_RUN} steps: {events[-1]}")
             for concurrency in CONCURRENCY:
                 cpu_before = sum(server.cpu_times()[:2])
+                runs_redis.config_resetstat()
                 result = await level(stub, concurrency, seconds)
                 cpu_s = sum(server.cpu_times()[:2]) - cpu_before
+                commands = runs_redis.info("commandstats")
                 # CPU of the warm-up's steps too: spread over every step made in the level.
                 all_steps = result["steps"] * (seconds + WARMUP_S) / seconds
+                redis_calls = sum(v["calls"] for k, v in commands.items() if k != "cmdstat_config")
+                scripts = commands.get("cmdstat_evalsha", {}).get("calls", 0) + commands.get("cmdstat_eval", {}).get("calls", 0)
                 o, r = result["overhead"], result["run"]
                 row = {
                     "concurrent_runs": concurrency,
@@ -218,6 +229,8 @@ async def bench(seconds: float) -> dict:
                     "model_p50_ms": result["model"].get("p50_ms"),
                     "tools_p50_ms": result["tools"].get("p50_ms"),
                     "cpu_ms_per_step": round(cpu_s * 1000 / max(1.0, all_steps), 3),
+                    "redis_commands_per_step": round(redis_calls / max(1.0, all_steps), 2),
+                    "redis_scripts_per_step": round(scripts / max(1.0, all_steps), 2),
                     "run_p50_ms": r.get("p50_ms"),
                     "run_p99_ms": r.get("p99_ms"),
                     "errors": result["errors"],
@@ -225,13 +238,17 @@ async def bench(seconds: float) -> dict:
                 }
                 rows.append(row)
                 print(f"{concurrency} runs: overhead p50 {o.get('p50_ms')} ms, p99 {o.get('p99_ms')} ms per step; "
-                      f"{result['steps_per_s']} steps/s; CPU {row['cpu_ms_per_step']} ms/step", flush=True)
+                      f"{result['steps_per_s']} steps/s; CPU {row['cpu_ms_per_step']} ms/step; "
+                      f"Redis {row['redis_scripts_per_step']} scripts / {row['redis_commands_per_step']} commands "
+                      "per step", flush=True)
         orchestrator_rss = rss_mb(orchestrator.pid)
     finally:
+        runs_redis.close()
         for proc in reversed(procs):
             proc.stop()
     columns = ["concurrent_runs", "steps", "steps_per_s", "overhead_p50_ms", "overhead_p99_ms", "step_p50_ms",
-               "model_p50_ms", "tools_p50_ms", "cpu_ms_per_step", "run_p50_ms", "run_p99_ms", "errors"]
+               "model_p50_ms", "tools_p50_ms", "cpu_ms_per_step", "redis_scripts_per_step", "run_p50_ms", "run_p99_ms",
+               "errors"]
     print_table(f"orchestrator overhead per step ({STEPS_PER_RUN} steps per run)", rows, columns)
     plot_latency("orchestrator", {
         "overhead p50": [(r["concurrent_runs"], r["overhead_p50_ms"]) for r in rows],
@@ -244,7 +261,8 @@ async def bench(seconds: float) -> dict:
             "steps_per_run": STEPS_PER_RUN,
             "agent": AGENT_YAML,
             "model": "tests.fakes.openai_server (scripted, threaded), every turn one streamed calculator call",
-            "services": "orchestrator, llm router, memory, tools: one process each (agentmesh serve); Redis with AOF",
+            "services": "orchestrator, llm router, memory, tools: one process each (agentmesh serve); Redis with AOF "
+            "(one for the runs, one for sessions and tool idempotency)",
             "logs": str(logs),
             "load_average_at_start": load_at_start,
         },

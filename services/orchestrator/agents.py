@@ -10,7 +10,7 @@ optional; names are unique across all files and shared by agents and workflows::
         model: chat                    # router model alias; empty = the router default
         tools: [search_documents, {name: python, requires_approval: true}]
         retrieval: {enabled: true, collection: docs, top_k: 4}
-        memory: {enabled: true, token_budget: 1500}
+        memory: {enabled: true, token_budget: 1500, facts: {enabled: true, top_k: 5}}
         max_steps: 4                   # model calls per invocation
         max_tokens: 512                # completion tokens per model call; 0 = router default
         budget: {max_total_tokens: 20000, max_cost_usd: 0.05}
@@ -71,12 +71,26 @@ class RetrievalSpec(_Strict):
     top_k: int = Field(4, ge=1, le=20)
 
 
+class FactsSpec(_Strict):
+    """Long-term facts about the run's user (``MemoryService.RecallFacts``), the ``top_k`` most
+    related to the agent's input, given to the model as a system message before the history.
+    ``min_similarity`` (cosine, -1..1): leave out less related facts; None = the memory service's
+    default."""
+
+    enabled: bool = False
+    top_k: int = Field(5, ge=1, le=50)
+    min_similarity: float | None = Field(None, ge=-1, le=1)
+
+
 class MemorySpec(_Strict):
-    """Session history read into the agent's conversation (``token_budget`` tokens of it). For
-    the agent a run names directly it also decides whether the turn is appended to the session."""
+    """Session history read into the agent's conversation (``token_budget`` tokens of it) when
+    ``enabled``; for the agent a run names directly it also decides whether the turn is appended
+    to the session (the memory service then extracts facts from it). ``facts``: recall the user's
+    long-term facts too (off by default)."""
 
     enabled: bool = True
     token_budget: int = Field(1500, ge=1, le=200_000)
+    facts: FactsSpec = FactsSpec()
 
 
 class BudgetSpec(_Strict):

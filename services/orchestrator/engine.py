@@ -19,12 +19,23 @@ events through its :class:`~agentmesh.services.orchestrator.store.Journal`:
   ``transfer_to_<name>`` tool calls, each specialist's answer being that call's result;
 - the run's turn is appended to the session in ONE memory call when it finishes (the messages of
   a single agent's turn; the input and the final answer of a workflow), never for a cancelled or
-  failed run.
+  failed run; everything memory-related (history, facts, the append) is in the scope of the
+  run's user;
+- tool calls outlive a replica that dies (``continue_on_disconnect``; the replica taking the run
+  over repeats the call with the same idempotency key and receives its result); a cancelled or
+  failed run stops the calls it left running (``CancelToolCall``).
 
-A checkpoint is written when an invocation starts, after each model call and after each step's
-tool calls, at a pause and at the end. :class:`RunManager` owns the runs this replica executes:
-one task per run, a lease renewed by a heartbeat (which also picks up CancelRun requests), and
-the local subscribers of each run's events.
+A checkpoint is taken when an invocation starts, after each model call and after each step's
+tool calls, at a pause and at the end. The run waits only for those that precede side effects or
+end it (the first one, the one after a model call that asked for tools — before the tools run —,
+a pause, the end); the others are snapshots written with the next write (``checkpoint_behind``).
+:class:`RunManager` owns the runs this replica executes: one task per run, a lease renewed by a
+heartbeat (which also picks up CancelRun requests), and the local subscribers of each run's
+events. A subscriber (the caller's stream) holds at most about :data:`SUBSCRIBER_BUFFER` events:
+when it is that far behind, the run stops reading its model stream until the subscriber catches
+up, so a slow client pauses the generation (through HTTP/2 flow control, back to the provider)
+instead of growing this replica's memory. Every event is journalled as before, so followers
+(``ResumeRun``) and durability are unaffected; a cancellation interrupts the wait at once.
 """
 
 from __future__ import annotations
@@ -37,7 +48,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 import grpc
@@ -73,6 +84,14 @@ COMPLETED, MAX_STEPS, BUDGET = (
 _REMEMBERED = {COMPLETED, MAX_STEPS, BUDGET}
 #: Longest rejection reason kept, in characters.
 MAX_REASON_CHARS = 1000
+#: Longest wait for the tool service to confirm it stops a cancelled run's tool calls, in seconds.
+CANCEL_TOOLS_TIMEOUT_S = 2.0
+#: How recalled facts are introduced to the model (a system message after the instructions).
+#: Events a run's subscriber may have queued before the run waits for it to read (text deltas
+#: are up to a few KiB each, so a slow client costs this replica at most a few MiB per run). A
+#: bound, not a tuning point: larger only buffers more, the client's reading speed sets the pace.
+SUBSCRIBER_BUFFER = 256
+FACTS_HEADER = "What you know about the user from earlier conversations (long-term memory; it may be out of date):"
 
 
 class _StepClock:
@@ -118,6 +137,13 @@ def handoff_tool(name: str, spec: AgentSpec) -> common_pb2.ToolDefinition:
     )
 
 
+def tool_key(run_id: str, invocation: str, call_id: str) -> str:
+    """The idempotency key of a tool call of a run: the same for every attempt of the call (a
+    step repeated after a take-over), different for every other call."""
+    digest = hashlib.sha256(f"{invocation}/{call_id}".encode()).hexdigest()[:24]
+    return f"agentmesh-run:{run_id}:{digest}"
+
+
 def _stage_input(task: str, previous: Invocation) -> str:
     return f"{task}\n\n--- Output of the previous stage ({previous.agent}) ---\n{previous.output}"
 
@@ -155,8 +181,12 @@ class RunExecution:
         calls: Calls,
         journal: Journal,
         tool_parallelism: int,
+        pace: Callable[[], Awaitable[None]] | None = None,
     ):
         self.state = state
+        #: Awaited before each read from the model stream: returns once the run's subscribers
+        #: have room for more events (back-pressure; see :class:`LocalRun`).
+        self.pace = pace
         self.definition = definition
         self.tools = tools
         self.calls = calls
@@ -181,6 +211,14 @@ class RunExecution:
     async def checkpoint(self, release: bool = False) -> None:
         await self.journal.checkpoint(self.state, release=release)
 
+    def checkpoint_behind(self) -> None:
+        """A checkpoint the run does not wait for: a snapshot written with the journal's next
+        write (at most its flush interval later). Only where losing it (the replica dies before
+        it is stored) means repeating work without side effects: memory and retrieval, a model
+        call, or tool calls the next take-over repeats with the same idempotency keys (and so
+        gets their first results)."""
+        self.journal.checkpoint_behind(self.state)
+
     # -- the run ---------------------------------------------------------------------------------
 
     async def execute(
@@ -202,7 +240,10 @@ class RunExecution:
                 self.emit(None, resumed=resumed)
             if resolved is not None:
                 self.emit(None, interrupt_resolved=resolved)
-            await self.checkpoint()
+            if started:
+                self.checkpoint_behind()  # RunStore.start stored the run already
+            else:
+                await self.checkpoint()  # the new owner, and decisions, before anything runs
             status = await self._run_target()
             if status is None:
                 await self._pause()
@@ -280,7 +321,7 @@ class RunExecution:
                     common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=output, name=st.target),
                 ]
             st.session_version = await self.calls.append_memory(
-                st.session_id, messages, idempotency_key=f"agentmesh-run:{st.run_id}"
+                st.session_id, st.user_id, messages, idempotency_key=f"agentmesh-run:{st.run_id}"
             )
         st.output, st.status, st.phase = output, status, "finished"
         if status == BUDGET and inv is not None:
@@ -330,9 +371,26 @@ class RunExecution:
         )
         await self.checkpoint(release=True)
 
+    async def stop_tools(self) -> None:
+        """Stop the tool calls of the current steps that have no result yet (``CancelToolCall``;
+        they may run on, detached, after this replica's calls were cancelled or died)."""
+        pending = []
+        for inv in self.state.invocations.values():
+            if inv.phase != "tools":
+                continue
+            spec = self.definition.agents[inv.agent]
+            for call in (common_pb2.ToolCall.FromString(b) for b in inv.calls):
+                never_started = spec.approval_required(call.name) and call.id not in inv.decisions
+                if call.id not in inv.results and not never_started and not call.name.startswith(HANDOFF_PREFIX):
+                    pending.append((call.name, tool_key(self.state.run_id, inv.id, call.id)))
+        if pending:
+            await asyncio.gather(*(self.calls.cancel_tool(n, k, CANCEL_TOOLS_TIMEOUT_S) for n, k in pending))
+
     async def finish_cancelled(self, reason: str) -> None:
-        """End the run as CANCELLED (``final`` event, checkpoint, lease released)."""
+        """End the run as CANCELLED (``final`` event, checkpoint, lease released), after
+        stopping its running tool calls."""
         st = self.state
+        await self.stop_tools()
         st.phase, st.status, st.error_message = "finished", agent_pb2.RUN_STATUS_CANCELLED, reason[:MAX_REASON_CHARS]
         st.interrupt = None
         inv = self._final_invocation()
@@ -349,8 +407,10 @@ class RunExecution:
         await self.checkpoint(release=True)
 
     async def finish_failed(self, code: grpc.StatusCode, message: str) -> None:
-        """Record the run as FAILED (no ``final`` event: the stream ends with the status)."""
+        """Record the run as FAILED (no ``final`` event: the stream ends with the status), after
+        stopping its running tool calls."""
         st = self.state
+        await self.stop_tools()
         st.phase, st.status = "finished", agent_pb2.RUN_STATUS_FAILED
         st.error_code, st.error_message = code.name, message
         await self.checkpoint(release=True)
@@ -372,7 +432,7 @@ class RunExecution:
         spec = self.definition.agents[inv.agent]
         if inv.phase == "start":
             await self._start(inv, spec)
-            await self.checkpoint()
+            self.checkpoint_behind()
         clock: _StepClock | None = None
         while True:
             if inv.phase == "model":
@@ -385,13 +445,15 @@ class RunExecution:
                 tool_calls = await self._model_step(inv, spec, clock)
                 if not tool_calls:
                     inv.phase, inv.status = "done", COMPLETED
-                    await self.checkpoint()
+                    self.checkpoint_behind()
                     self.emit(inv, inv.step, step_completed=clock.event(0))
                     self._agent_completed(inv)
                     return DONE
                 inv.calls = [c.SerializeToString() for c in tool_calls]
                 inv.results, inv.decisions = {}, {}
                 inv.phase = "tools"
+                # Stored before any tool runs: a take-over then repeats these calls (same ids and
+                # idempotency keys), never a model call that could ask for other ones.
                 await self.checkpoint()
             if inv.phase == "tools":
                 clock = clock or _StepClock()  # resumed in the middle of the step: timed from here
@@ -411,14 +473,14 @@ class RunExecution:
                     )
                 inv.calls, inv.results, inv.decisions = [], {}, {}
                 inv.phase = "model"
-                await self.checkpoint()
+                self.checkpoint_behind()  # goes with the next write, during the next model call
                 self.emit(inv, inv.step, step_completed=clock.event(len(calls)))
                 clock = None
 
     async def _stop(self, inv: Invocation, status: int) -> str:
         inv.phase, inv.status = "done", status
         self._agent_completed(inv)
-        await self.checkpoint()
+        self.checkpoint_behind()
         return DONE
 
     def _agent_completed(self, inv: Invocation) -> None:
@@ -458,15 +520,24 @@ class RunExecution:
         messages: list[common_pb2.Message] = []
         if spec.instructions:
             messages.append(common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content=spec.instructions))
-        if spec.memory.enabled:
-            history = await self.calls.load_memory(self.state.session_id, spec.memory.token_budget)
-            self.emit(
-                inv,
-                memory_loaded=agent_pb2.MemoryLoaded(
-                    messages=len(history.messages), tokens=history.tokens_used, messages_omitted=history.messages_omitted
-                ),
+        loaded = agent_pb2.MemoryLoaded()
+        if spec.memory.facts.enabled:
+            facts = await self.calls.recall_facts(
+                self.state.user_id, inv.task, spec.memory.facts.top_k, spec.memory.facts.min_similarity
             )
+            loaded.facts, loaded.notice = len(facts.facts), facts.notice
+            if facts.facts:
+                lines = "\n".join(f"- {f.fact.text}" for f in facts.facts)
+                messages.append(common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content=f"{FACTS_HEADER}\n{lines}"))
+        if spec.memory.enabled:
+            history = await self.calls.load_memory(
+                self.state.session_id, self.state.user_id, spec.memory.token_budget, model=spec.model
+            )
+            loaded.messages, loaded.tokens = len(history.messages), history.tokens_used
+            loaded.messages_omitted = history.messages_omitted
             messages.extend(drop_orphan_tool_messages(list(history.messages)))
+        if spec.memory.enabled or spec.memory.facts.enabled:
+            self.emit(inv, memory_loaded=loaded)
         chunks: list[common_pb2.Chunk] = []
         if spec.retrieval.enabled:
             # A specialist searches for its task; the others for the run's question.
@@ -532,7 +603,7 @@ class RunExecution:
         def on_text(text: str) -> None:
             self.emit(inv, step, text_delta=agent_pb2.TextDelta(text=text))
 
-        result = await self.calls.generate(request, step, on_metadata, on_text)
+        result = await self.calls.generate(request, step, on_metadata, on_text, pace=self.pace)
         clock.model_s += result.wait_s
         inv.usage.add(result.usage, result.cost_usd)
         self.state.usage.add(result.usage, result.cost_usd)
@@ -610,11 +681,11 @@ class RunExecution:
         def on_progress(progress: agent_pb2.ToolCallProgress) -> None:
             self.emit(inv, step, tool_progress=progress)
 
-        key = hashlib.sha256(f"{inv.id}/{call.id}".encode()).hexdigest()[:24]
         outcome, chunks = await self.calls.execute_tool(
             call,
-            idempotency_key=f"agentmesh-run:{self.state.run_id}:{key}",
+            idempotency_key=tool_key(self.state.run_id, inv.id, call.id),
             session_id=self.state.session_id,
+            user_id=self.state.user_id,
             on_progress=on_progress,
         )
         if chunks:  # chunks a tool retrieved join the context so the next model call can cite them
@@ -666,7 +737,14 @@ _END = object()
 
 
 class LocalRun:
-    """A run executing on this replica: its task, lease keys and local event subscribers."""
+    """A run executing on this replica: its task, lease keys and local event subscribers.
+
+    Subscriber queues are bounded softly: :meth:`publish` never blocks (events are emitted from
+    synchronous code, and the end of a run must always get through), but once a queue holds
+    :data:`SUBSCRIBER_BUFFER` events :meth:`wait_for_room` blocks the run's model stream until
+    that subscriber has read below the bound or went away. A queue therefore exceeds the bound
+    by at most the few events a step emits besides its text (tool calls, results, progress).
+    """
 
     def __init__(self, keys: RunKeys, state: RunState):
         self.keys = keys
@@ -677,6 +755,9 @@ class LocalRun:
         self.cancel_reason = ""
         self.closed = asyncio.Event()
         self._queues: list[asyncio.Queue] = []
+        #: Set while every subscriber has room (below SUBSCRIBER_BUFFER queued events).
+        self._room = asyncio.Event()
+        self._room.set()
 
     @property
     def releasing(self) -> bool:
@@ -692,10 +773,23 @@ class LocalRun:
     def unsubscribe(self, queue: asyncio.Queue) -> None:
         with contextlib.suppress(ValueError):
             self._queues.remove(queue)
+        self.taken()
 
     def publish(self, item: Any) -> None:
         for queue in self._queues:
             queue.put_nowait(item)
+            if queue.qsize() >= SUBSCRIBER_BUFFER:
+                self._room.clear()
+
+    def taken(self) -> None:
+        """A subscriber read an event (or left): let the run go on once all have room."""
+        if not self._room.is_set() and all(q.qsize() < SUBSCRIBER_BUFFER for q in self._queues):
+            self._room.set()
+
+    async def wait_for_room(self) -> None:
+        """Return once every subscriber holds fewer than SUBSCRIBER_BUFFER events (at once
+        when they do; no timeout: a cancellation of the run interrupts it)."""
+        await self._room.wait()
 
     def cancel(self, kind: str, reason: str) -> None:
         """Stop the run: ``client`` (its caller went away), ``request`` (CancelRun), ``draining``
@@ -762,6 +856,7 @@ class RunManager:
         try:
             while True:
                 item = await queue.get()
+                run.taken()
                 if item is _END:
                     finished = True
                     return
@@ -784,7 +879,9 @@ class RunManager:
         state.replica = self.replica
         run = LocalRun(keys, state)
         journal = Journal(self.store, keys, self.replica, sequence, self.flush_interval_s, on_event=run.publish)
-        run.execution = RunExecution(state, definition, tools, self.calls, journal, self.tool_parallelism)
+        run.execution = RunExecution(
+            state, definition, tools, self.calls, journal, self.tool_parallelism, pace=run.wait_for_room
+        )
         return run, run.subscribe()
 
     def launch(self, run: LocalRun, **execute: Any) -> None:

@@ -16,6 +16,7 @@ sending it runs it cannot complete.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import time
@@ -23,7 +24,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import SettingsConfigDict
 
 from agentmesh.agent.v1 import agent_pb2, agent_pb2_grpc
@@ -35,7 +36,6 @@ from agentmesh.services.orchestrator.agents import (
     MemorySpec,
     RetrievalSpec,
     RunDefinition,
-    ToolRef,
     load_catalog,
 )
 from agentmesh.services.orchestrator.engine import MAX_REASON_CHARS, LocalRun, RunExecution, RunManager
@@ -43,7 +43,13 @@ from agentmesh.services.orchestrator.run import CallLimits, Calls
 from agentmesh.services.orchestrator.state import Decision, RunState
 from agentmesh.services.orchestrator.store import Journal, LeaseLost, RunKeys, RunStore
 from agentmesh.services.runtime.clients import Downstream
-from agentmesh.services.runtime.context import current_request_id, current_tenant, downstream_timeout, outgoing_metadata
+from agentmesh.services.runtime.context import (
+    current_request_id,
+    current_subject,
+    current_tenant,
+    downstream_timeout,
+    outgoing_metadata,
+)
 from agentmesh.services.runtime.errors import ServiceError, from_downstream, invalid_argument, not_found
 from agentmesh.services.runtime.server import Service
 from agentmesh.services.runtime.settings import MeshSettings, ServiceSettings
@@ -54,6 +60,8 @@ log = logging.getLogger("agentmesh.orchestrator")
 _SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _COLLECTION = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+#: The memory service's user ids.
+_USER_ID = re.compile(r"^[A-Za-z0-9._:@+-]{1,128}$")
 DEPENDENCIES = ("llm", "retrieval", "memory", "tools")
 #: RunRequest fields an agent definition decides (they must be unset when `agent` is given).
 _AGENT_DECIDES = ("model", "tools", "max_steps", "max_tokens", "collection", "top_k", "disable_retrieval")
@@ -95,6 +103,13 @@ class OrchestratorSettings(ServiceSettings):
         ),
         description="Redis holding run checkpoints, event streams and leases.",
     )
+    redis_max_connections: int = Field(
+        256, ge=1, description="Connections to Redis this replica opens at most; a command finding all in use waits "
+        "for one (see redis_pool_timeout_s) instead of failing.",
+    )
+    redis_pool_timeout_s: float = Field(
+        10.0, gt=0, description="Longest wait for a free Redis connection, in seconds (never past the call's deadline).",
+    )
     redis_prefix: str = Field("agentmesh:orchestrator", min_length=1, description="Prefix of the run keys.")
     lease_ttl_s: float = Field(
         10.0, ge=0.5, description="A run whose replica stopped renewing its lease this long can be taken over."
@@ -105,7 +120,10 @@ class OrchestratorSettings(ServiceSettings):
     run_ttl_s: int = Field(7 * 86_400, ge=60, description="A run's keys expire this long after its last write.")
     max_events_per_run: int = Field(10_000, ge=100, description="Events kept per run (older ones are trimmed).")
     max_runs_per_tenant: int = Field(1_000, ge=1, description="Finished runs kept per tenant (older ones deleted).")
-    event_flush_ms: float = Field(20.0, gt=0, description="Longest an event waits before it is written to Redis.")
+    event_flush_ms: float = Field(
+        100.0, gt=0, description="Longest an event (or a background checkpoint) waits before it is written to Redis: "
+        "how far a follower on another replica may lag. Lower = fresher followers, more Redis writes per step.",
+    )
     follow_poll_ms: int = Field(
         500, ge=10, description="ResumeRun: how long one read waits for new events before the run's lease is checked."
     )
@@ -143,6 +161,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             run_id=uuid.uuid4().hex,
             tenant=current_tenant(),
             session_id=request.session_id,
+            user_id=run_user(request.user_id),
             request_id=current_request_id(),
             target=definition.target,
             snapshot=snapshot,
@@ -152,8 +171,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             updated_at_ms=now,
         )
         keys = self.store.keys(state.tenant, state.run_id)
-        await self.store.acquire(keys, self.manager.replica)
-        await self.store.register(state.tenant, state.run_id, now)
+        if not await self.store.start(keys, self.manager.replica, state):
+            raise ServiceError(grpc.StatusCode.ABORTED, "run id collision; retry the call")
         run, queue = self.manager.prepare(state, definition, tools, sequence=0)
         self.manager.launch(run, started=True)
         async for event in self.manager.stream(run, queue, on_disconnect == agent_pb2.ON_DISCONNECT_CANCEL):
@@ -170,6 +189,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             raise invalid_argument(f"input has {len(request.input)} characters; the limit is {s.max_input_chars}")
         if request.on_disconnect not in agent_pb2.OnDisconnect.values():
             raise invalid_argument(f"on_disconnect {request.on_disconnect} is not an OnDisconnect value")
+        if request.user_id and not _USER_ID.match(request.user_id):
+            raise invalid_argument(
+                "user_id must be 1..128 characters of letters, digits, '.', '_', ':', '@', '+' or '-' "
+                "(or empty: the caller's subject, else the default user)"
+            )
         if request.agent:
             set_fields = [f for f in _AGENT_DECIDES if _is_set(request, f)]
             if set_fields:
@@ -191,20 +215,27 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         if len(set(request.tools)) != len(request.tools):
             raise invalid_argument("tools lists a name more than once")
         top_k = request.top_k or s.default_top_k
-        spec = AgentSpec(
-            name=ADHOC_AGENT,
-            model=request.model,
-            tools=tuple(ToolRef(name=n) for n in request.tools),
-            all_tools=not request.tools,
-            retrieval=RetrievalSpec(
-                enabled=not request.disable_retrieval and top_k > 0,
-                collection=request.collection,
-                top_k=max(1, top_k),
-            ),
-            memory=MemorySpec(enabled=True, token_budget=s.memory_token_budget),
-            max_steps=request.max_steps or s.default_max_steps,
-            max_tokens=request.max_tokens,
-        )
+        try:
+            spec = AgentSpec(
+                name=ADHOC_AGENT,
+                model=request.model,
+                tools=tuple({"name": n} for n in request.tools),
+                all_tools=not request.tools,
+                retrieval=RetrievalSpec(
+                    enabled=not request.disable_retrieval and top_k > 0,
+                    collection=request.collection,
+                    top_k=max(1, top_k),
+                ),
+                memory=MemorySpec(enabled=True, token_budget=s.memory_token_budget),
+                max_steps=request.max_steps or s.default_max_steps,
+                max_tokens=request.max_tokens,
+            )
+        except ValidationError as exc:  # a tool name, model or max_tokens the agent model refuses
+            problems = "; ".join(
+                f"{_request_field(err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
+                for err in exc.errors(include_url=False)
+            )
+            raise invalid_argument(f"the request does not make a valid agent: {problems}") from None
         snapshot = {"workflow": None, "agents": {ADHOC_AGENT: spec.model_dump(mode="json")}}
         return RunDefinition(ADHOC_AGENT, None, {ADHOC_AGENT: spec}), snapshot
 
@@ -450,6 +481,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             updated_at_ms=state.updated_at_ms,
             error_message=state.error_message,
             replica=await self.store.lease_owner(keys) if state.phase == "running" else "",
+            user_id=state.user_id,
         )
         if state.interrupt is not None:
             info.interrupt.interrupt_id = state.interrupt.id
@@ -472,9 +504,29 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         return reply
 
 
+def run_user(requested: str) -> str:
+    """The user a new run acts for: ``requested`` (already validated), else the caller's verified
+    subject (``x-subject``) — as is when it is a valid user id, else ``sub-`` and 32 hex digits of
+    its SHA-256, so any subject maps to one stable user —, else "" (the memory service's
+    ``default`` user)."""
+    if requested:
+        return requested
+    subject = current_subject()
+    if not subject or _USER_ID.match(subject):
+        return subject
+    return "sub-" + hashlib.sha256(subject.encode()).hexdigest()[:32]
+
+
 def _ends_run(event: agent_pb2.RunResponse) -> bool:
     """A `final` event other than a pause (after which a resolved run goes on)."""
     return event.WhichOneof("event") == "final" and event.final.status != agent_pb2.RUN_STATUS_INTERRUPTED
+
+
+def _request_field(loc: tuple) -> str:
+    """The RunRequest field an AgentSpec validation error location stands for (``tools[2]``)."""
+    if loc[:1] == ("tools",) and len(loc) > 1 and isinstance(loc[1], int):
+        return f"tools[{loc[1]}]"
+    return str(loc[0]) if loc else "request"
 
 
 def _is_set(request: agent_pb2.RunRequest, name: str) -> bool:
@@ -496,6 +548,8 @@ class OrchestratorService(Service):
             run_ttl_s=settings.run_ttl_s,
             max_events=settings.max_events_per_run,
             max_runs=settings.max_runs_per_tenant,
+            max_connections=settings.redis_max_connections,
+            pool_timeout_s=settings.redis_pool_timeout_s,
         )
         calls = Calls(
             self.downstream,

@@ -103,6 +103,8 @@ class RunState(BaseModel):
     run_id: str
     tenant: str
     session_id: str
+    #: The user the run acts for (memory scope); "" = the memory service's default user.
+    user_id: str = ""
     #: Request id of the call that started the run.
     request_id: str = ""
     #: The agent or workflow run, and its definition when the run started (agents.Catalog.snapshot).

@@ -9,7 +9,8 @@ Keys of a run (one Redis Cluster hash slot per run: ``{tenant:run_id}`` is the h
     <prefix>:run:{t:id}:cancel   a cancellation request (CancelRun)             TTL run_ttl_s
     <prefix>:tenant:<t>:runs     the tenant's runs by start time (sorted set)   keep-last-N
 
-Every write of a running run goes through one Lua script that first checks the lease is still
+A new run is recorded in one round trip (its lease, first checkpoint and index entry). Every
+later write of a running run goes through one Lua script that first checks the lease is still
 held by the writer (fencing: a replica that lost its run, e.g. after a long pause, cannot
 overwrite the new owner's state), then appends the buffered events and the checkpoint together.
 
@@ -26,13 +27,16 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
 
 from agentmesh.agent.v1 import agent_pb2
 from agentmesh.services.orchestrator.state import RunState
+from agentmesh.services.runtime.context import remaining_s
 from agentmesh.services.runtime.errors import ServiceError
 
 log = logging.getLogger("agentmesh.orchestrator")
@@ -45,6 +49,13 @@ end
 if ARGV[5] ~= '' then redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[3]) end
 redis.call('EXPIRE', KEYS[3], ARGV[3])
 if ARGV[6] == '1' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+"""
+
+# A new run: take its lease and write its first checkpoint (0 when the id is already taken).
+_START = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
 return 1
 """
 
@@ -78,8 +89,30 @@ class RunKeys:
         self.index = f"{prefix}:tenant:{tenant}:runs"
 
 
+class DeadlinePool(aioredis.BlockingConnectionPool):
+    """A pool of at most ``max_connections`` Redis connections where a command that finds them all
+    in use waits for one to be released (redis-py's default pool *refuses* it: "Too many
+    connections"), for at most ``timeout`` seconds and never past the current gRPC call's
+    deadline. Raises redis ``ConnectionError`` when none came free in time (UNAVAILABLE here)."""
+
+    async def get_connection(self, *args: Any, **kwargs: Any):
+        left = remaining_s()
+        if left is None or (self.timeout is not None and left >= self.timeout):
+            return await super().get_connection()
+        try:
+            async with asyncio.timeout(max(left, 0.001)):
+                return await super().get_connection()
+        except TimeoutError as exc:
+            raise RedisConnectionError(
+                f"no Redis connection came free before the call's deadline (all {self.max_connections} in use)"
+            ) from exc
+
+
 class RunStore:
-    """Redis access for runs. Methods raise :class:`ServiceError` (UNAVAILABLE) when Redis fails."""
+    """Redis access for runs. Methods raise :class:`ServiceError` (UNAVAILABLE) when Redis fails.
+
+    Commands share one :class:`DeadlinePool` of ``max_connections`` connections; a command that
+    finds them all busy waits up to ``pool_timeout_s`` (and within its call's deadline)."""
 
     def __init__(
         self,
@@ -90,8 +123,17 @@ class RunStore:
         run_ttl_s: int = 7 * 86_400,
         max_events: int = 10_000,
         max_runs: int = 1_000,
+        max_connections: int = 256,
+        pool_timeout_s: float = 10.0,
     ):
-        self.redis = aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10)
+        pool = DeadlinePool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=pool_timeout_s,
+            socket_connect_timeout=2,
+            socket_timeout=10,
+        )
+        self.redis = aioredis.Redis.from_pool(pool)  # the client closes the pool with itself
         self.url = url
         self.prefix = prefix
         self.lease_ms = lease_ms
@@ -99,6 +141,7 @@ class RunStore:
         self.max_events = max_events
         self.max_runs = max_runs
         self._commit = self.redis.register_script(_COMMIT)
+        self._start = self.redis.register_script(_START)
         self._renew = self.redis.register_script(_RENEW)
         self._release = self.redis.register_script(_RELEASE)
 
@@ -189,37 +232,61 @@ class RunStore:
         except (RedisError, OSError) as exc:
             raise store_unavailable(exc) from exc
 
+    async def _pipeline(self, build: Callable[[Any], None], script: Any) -> list:
+        """Run the commands ``build`` queues (EVALSHA of ``script`` among them) in one round
+        trip. redis-py's own script support would first ask SCRIPT EXISTS on every execution, a
+        second round trip; instead a NOSCRIPT reply (a Redis restarted or failed over) loads the
+        script and runs the pipeline again — its commands are idempotent."""
+        async def run() -> list:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                build(pipe)
+                return await pipe.execute()
+
+        try:
+            return await run()
+        except NoScriptError:
+            await self.redis.script_load(script.script)
+            return await run()
+
     async def heartbeat(self, owner: str, runs: list[RunKeys]) -> list[tuple[bool, str | None]]:
         """Renew the leases of ``runs`` and read their cancellation requests, in one round trip:
         (still ours, cancel reason or None) per run."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.scripts.add(self._renew)  # loaded by execute() if Redis does not know it
+
+        def build(pipe: Any) -> None:
             for keys in runs:
                 pipe.evalsha(self._renew.sha, 1, keys.lease, owner, self.lease_ms)
                 pipe.get(keys.cancel)
-            replies = await pipe.execute()
+
+        replies = await self._pipeline(build, self._renew)
         out = []
         for i in range(0, len(replies), 2):
             cancel = replies[i + 1]
             out.append((bool(replies[i]), cancel.decode() if cancel is not None else None))
         return out
 
-    # -- retention -------------------------------------------------------------------------
+    async def start(self, keys: RunKeys, owner: str, state: RunState) -> bool:
+        """Record a new run in one round trip: take its lease for ``owner``, write its first
+        checkpoint, and index it under its tenant (pruning the tenant's oldest finished runs
+        beyond ``max_runs``). False when the run id is taken."""
+        state.updated_at_ms = int(time.time() * 1000)
+        payload = state.model_dump_json()
 
-    async def register(self, tenant: str, run_id: str, created_ms: int) -> None:
-        """Index a new run under its tenant and prune the tenant's oldest finished runs beyond
-        ``max_runs``."""
-        keys = self.keys(tenant, run_id)
+        def build(pipe: Any) -> None:
+            # Two hash slots (the run's keys, the tenant's index): a script and three commands.
+            pipe.evalsha(self._start.sha, 2, keys.lease, keys.state, owner, self.lease_ms, payload, self.run_ttl_s)
+            pipe.zadd(keys.index, {state.run_id: state.created_at_ms})
+            pipe.expire(keys.index, self.run_ttl_s)
+            pipe.zcard(keys.index)
+
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.zadd(keys.index, {run_id: created_ms})
-                pipe.expire(keys.index, self.run_ttl_s)
-                pipe.zcard(keys.index)
-                _, _, count = await pipe.execute()
+            started, _, _, count = await self._pipeline(build, self._start)
             if count > self.max_runs:
-                await self._prune(tenant, keys.index, count - self.max_runs)
+                await self._prune(state.tenant, keys.index, count - self.max_runs)
         except (RedisError, OSError) as exc:
             raise store_unavailable(exc) from exc
+        return bool(started)
+
+    # -- retention -------------------------------------------------------------------------
 
     async def _prune(self, tenant: str, index: str, excess: int) -> None:
         # Look a little further than the excess: some of the oldest may still run or be paused.
@@ -250,9 +317,15 @@ class Journal:
     """A run's event sequence and checkpoints, owned by one replica.
 
     :meth:`emit` numbers an event, hands it to local subscribers at once and buffers it for
-    Redis; buffered events are written every ``flush_interval_s`` and with every
-    :meth:`checkpoint` (events and state in the same script call, so a checkpoint never covers an
-    event that is not stored).
+    Redis. Writes (buffered events, with or without a checkpoint) form one chain: each is one
+    script call that starts once the previous one finished, so stream ids are written in order
+    and a checkpoint never covers an event that is not stored. Buffered events are written
+    ``flush_interval_s`` after the first of them, or with the next checkpoint if that comes first.
+    :meth:`checkpoint` writes at once and waits for the write. :meth:`checkpoint_behind` only
+    snapshots the state: the snapshot goes with the next write (that flush, or a later
+    checkpoint, which supersedes it), so it costs no round trip of its own — for checkpoints
+    whose loss only means redoing work without side effects. A failed background write is raised
+    by the next checkpoint or flush.
     """
 
     def __init__(
@@ -261,7 +334,7 @@ class Journal:
         keys: RunKeys,
         owner: str,
         sequence: int,
-        flush_interval_s: float = 0.02,
+        flush_interval_s: float = 0.1,
         on_event: Callable[[agent_pb2.RunResponse], None] | None = None,
     ):
         self.store = store
@@ -271,13 +344,13 @@ class Journal:
         self.flush_interval_s = flush_interval_s
         self.on_event = on_event
         self._buffer: list[tuple[int, bytes]] = []
-        self._lock = asyncio.Lock()
+        #: A state snapshot from checkpoint_behind, not yet part of a write.
+        self._state: bytes | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._flusher: asyncio.Task | None = None
+        #: The last write scheduled (the chain's tail).
+        self._tail: asyncio.Future | None = None
+        #: The failure of a write nobody waited for, raised by the next write.
         self._error: BaseException | None = None
-        #: A write whose caller was cancelled; it completes on its own, and the next write waits
-        #: for it (stream ids must be written in order).
-        self._inflight: asyncio.Future | None = None
         #: True once a checkpoint that releases the lease started.
         self.releasing = False
 
@@ -287,56 +360,84 @@ class Journal:
         self._buffer.append((self.sequence, event.SerializeToString()))
         if self.on_event is not None:
             self.on_event(event)
-        if self._timer is None and self._flusher is None:
-            self._timer = asyncio.get_running_loop().call_later(self.flush_interval_s, self._start_flush)
+        self._arm()
         return event
 
-    def _start_flush(self) -> None:
+    def _arm(self) -> None:
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.flush_interval_s, self._flush_behind)
+
+    def _flush_behind(self) -> None:
         self._timer = None
-        self._flusher = asyncio.create_task(self._background_flush())
+        if self._buffer or self._state is not None:
+            self._schedule(None, release=False, behind=True)
 
-    async def _background_flush(self) -> None:
-        try:
-            await self._write(None, release=False)
-        except BaseException as exc:  # noqa: BLE001 - reported by the next checkpoint
-            self._error = exc
-        finally:
-            self._flusher = None
+    def _schedule(self, state: bytes | None, release: bool, behind: bool) -> asyncio.Future:
+        """Queue one write of the buffered events and ``state`` (else the pending snapshot)
+        behind the previous write."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        events, self._buffer = self._buffer, []
+        state, self._state = state or self._state, None
+        previous = self._tail
 
-    async def checkpoint(self, state: RunState, release: bool = False) -> None:
-        """Write the buffered events and ``state`` (stamped with the last sequence)."""
+        async def write() -> None:
+            if previous is not None and not previous.done():
+                with contextlib.suppress(BaseException):  # its failure is reported by its own future
+                    await asyncio.shield(previous)
+            if events or state is not None:
+                await self.store.commit(self.keys, self.owner, events, state, release)
+
+        # A task of its own: a run cancelled mid-write must not leave it half-known (the script
+        # may have run), nor lose the events it carries.
+        task = asyncio.ensure_future(write())
+        self._tail = task
+        task.add_done_callback(self._note_failure if behind else _retrieve)
+        return task
+
+    def _note_failure(self, task: asyncio.Future) -> None:
+        if not task.cancelled() and task.exception() is not None and self._error is None:
+            self._error = task.exception()
+
+    def _raise_failure(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+    def _stamp(self, state: RunState, release: bool) -> bytes:
+        self._raise_failure()
         state.sequence = self.sequence
         state.updated_at_ms = int(time.time() * 1000)
         if release:
             self.releasing = True
-        await self._write(state.model_dump_json().encode(), release=release)
+        return state.model_dump_json().encode()
+
+    async def checkpoint(self, state: RunState, release: bool = False) -> None:
+        """Write the buffered events and ``state`` (stamped with the last sequence); returns once
+        it is stored. Raises :class:`LeaseLost` or UNAVAILABLE, also for an earlier write that
+        failed in the background."""
+        await asyncio.shield(self._schedule(self._stamp(state, release), release, behind=False))
+
+    def checkpoint_behind(self, state: RunState) -> None:
+        """Snapshot ``state`` (stamped with the last sequence) for the next write, which comes
+        at most ``flush_interval_s`` later; returns at once."""
+        self._state = self._stamp(state, False)
+        self._arm()
 
     async def flush(self) -> None:
-        """Write the buffered events now (no checkpoint)."""
-        await self._write(None, release=False)
-
-    async def _write(self, state: bytes | None, release: bool) -> None:
-        async with self._lock:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            if self._inflight is not None:
-                inflight, self._inflight = self._inflight, None
-                with contextlib.suppress(Exception):  # its failure was its caller's to report
-                    await inflight
-            events, self._buffer = self._buffer, []
-            if not events and state is None:
-                return
-            # Shielded: a run cancelled mid-write must not leave it half-known (the script may
-            # have run), nor lose the events it carries.
-            self._inflight = asyncio.ensure_future(self.store.commit(self.keys, self.owner, events, state, release))
-            await asyncio.shield(self._inflight)
-            self._inflight = None
+        """Write the buffered events (and a pending snapshot) now, after every earlier write."""
+        await asyncio.shield(self._schedule(None, release=False, behind=False))
+        self._raise_failure()
 
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    # The failure of an awaited write reaches its caller; retrieving it here keeps asyncio from
+    # logging it again when that caller was cancelled meanwhile.
+    if not task.cancelled():
+        task.exception()

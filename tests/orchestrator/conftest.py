@@ -1,6 +1,9 @@
 """A real mesh for the orchestrator tests, in this process: Redis, the LLM router (its OpenAI
-client talking to the scripted fake below), memory, tools (python sandbox included), retrieval
-(Milvus Lite, the real embedding model) and the orchestrator with ``tests/orchestrator/agents.yaml``.
+client talking to the scripted fake below), memory (long-term facts on: the real embedding model,
+Milvus Lite, heuristic extraction so the scripted model is only asked by the agents), tools (python
+sandbox included, and the test MCP server ``tests/tools/mcp_server.py`` over stdio as ``demo``),
+retrieval (Milvus Lite, the same embedding model) and the orchestrator with
+``tests/orchestrator/agents.yaml``.
 
 The model is :class:`RoutedFakeOpenAI`: the scripted OpenAI fake, with one queue of turns per
 agent, picked by the ``agent=<name>.`` marker that starts each test agent's instructions (runs
@@ -10,10 +13,14 @@ time, so a single queue could hand a turn to the wrong agent.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 import re
+import sys
 import threading
+import time
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,19 +33,21 @@ import redis.asyncio as aioredis
 
 from agentmesh.agent.v1 import agent_pb2, agent_pb2_grpc
 from agentmesh.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
-from agentmesh.services.cli.processes import free_port, start_redis
+from agentmesh.services.cli.processes import Proc, free_port, spawn, start_redis
 from agentmesh.services.llm.service import LLMService, LLMSettings
 from agentmesh.services.memory.service import MemoryService, MemorySettings
 from agentmesh.services.orchestrator.agents import load_catalog
 from agentmesh.services.orchestrator.service import OrchestratorService, OrchestratorSettings
 from agentmesh.services.retrieval.embedder import SentenceTransformerEmbedder
 from agentmesh.services.retrieval.service import RetrievalService, RetrievalSettings
+from agentmesh.services.runtime.clients import check_health
 from agentmesh.services.runtime.settings import MeshSettings
 from agentmesh.services.tools.service import ToolsService, ToolsSettings
 from tests.fakes.openai_server import FakeOpenAIServer
 from tests.support import running_service
 
 AGENTS_YAML = Path(__file__).with_name("agents.yaml")
+MCP_SERVER = Path(__file__).parent.parent / "tools" / "mcp_server.py"
 #: First uid of the sandbox range these tests use (other test suites use other ranges).
 SANDBOX_UID_BASE = 720_000
 SANDBOX_SLOTS = 4
@@ -132,6 +141,38 @@ def tenant_md(tenant: str = TENANT) -> tuple[tuple[str, str], ...]:
     return (("x-tenant-id", tenant),)
 
 
+@contextlib.asynccontextmanager
+async def orchestrator_process(mesh: Mesh, folder: Path) -> AsyncIterator[tuple[str, Proc]]:
+    """An orchestrator replica in a process of its own (so a test can SIGKILL it), on this mesh,
+    with short leases; yields its address once SERVING, and the process."""
+    port = free_port()
+    m = mesh.mesh
+    env = {
+        "AGENTMESH_ORCHESTRATOR_HOST": "127.0.0.1",
+        "AGENTMESH_ORCHESTRATOR_PORT": str(port),
+        "AGENTMESH_ORCHESTRATOR_REDIS_URL": mesh.redis_url,
+        "AGENTMESH_ORCHESTRATOR_AGENTS_PATH": str(AGENTS_YAML),
+        "AGENTMESH_ORCHESTRATOR_LEASE_TTL_S": "2",
+        "AGENTMESH_ORCHESTRATOR_HEARTBEAT_S": "0.2",
+        "AGENTMESH_ORCHESTRATOR_READINESS_INTERVAL_S": "0.2",
+        "AGENTMESH_LLM_ADDRESS": m.llm_address,
+        "AGENTMESH_MEMORY_ADDRESS": m.memory_address,
+        "AGENTMESH_RETRIEVAL_ADDRESS": m.retrieval_address,
+        "AGENTMESH_TOOLS_ADDRESS": m.tools_address,
+    }
+    proc = spawn("orchestrator-doomed", [sys.executable, "-m", "agentmesh.services.cli.main", "serve", "orchestrator"],
+                 folder, env)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            deadline = time.monotonic() + 60
+            while not await check_health(channel):
+                assert proc.alive() and time.monotonic() < deadline, proc.log_path.read_text()[-3000:]
+                await asyncio.sleep(0.1)
+        yield f"127.0.0.1:{port}", proc
+    finally:
+        proc.stop()
+
+
 @contextlib.contextmanager
 def _no_provider_env():
     saved = {k: os.environ.pop(k) for k in list(os.environ) if k in _PROVIDER_ENV or k.startswith("AGENTMESH_")}
@@ -172,11 +213,17 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
             llm_address = await stack.enter_async_context(running_service(llm))
             memory = MemoryService(
                 MemorySettings(
-                    redis_url=redis_url, facts_enabled=False, compaction_trigger_tokens=0, readiness_interval_s=0.2
+                    redis_url=redis_url,
+                    compaction_trigger_tokens=0,
+                    readiness_interval_s=0.2,
+                    facts_enabled=True,
+                    extraction="heuristic",
+                    milvus_uri=str(root / "memory.db"),
                 ),
+                embedder=embedder,
                 mesh=MeshSettings(llm_address=llm_address),
             )
-            memory_address = await stack.enter_async_context(running_service(memory))
+            memory_address = await stack.enter_async_context(running_service(memory, timeout_s=180))
             retrieval = RetrievalService(
                 RetrievalSettings(milvus_uri=str(root / "milvus.db"), readiness_interval_s=0.2), embedder=embedder
             )
@@ -186,9 +233,14 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
                 memory_address=memory_address,
                 retrieval_address=retrieval_address,
             )
+            mcp_config = root / "mcp.json"
+            mcp_config.write_text(json.dumps(
+                {"servers": {"demo": {"transport": "stdio", "command": sys.executable, "args": [str(MCP_SERVER), "stdio"]}}}
+            ))
             tools = ToolsService(
                 ToolsSettings(
                     readiness_interval_s=0.2,
+                    mcp_config=str(mcp_config),
                     redis_url=redis_url,
                     python_uid_base=SANDBOX_UID_BASE,
                     python_slots=SANDBOX_SLOTS,

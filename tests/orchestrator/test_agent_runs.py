@@ -53,7 +53,9 @@ async def test_parallel_tool_calls_run_concurrently_within_the_limit(mesh: Mesh,
     assert all(not r.is_error and r.duration_ms >= 950 for r in results.values()), results
     assert results["call_sleep_2"].output.struct_value["stdout"] == "slept 2\n"
     first_step = of_kind(events, "step_completed")[0]
-    assert first_step.tool_calls == 3 and 950 <= first_step.tools_ms < 1900, first_step
+    # Run one after another the three calls would take >= 2850 ms (3 x 950); the upper bound
+    # leaves about 1.5 s for sandbox start-up on a loaded machine and still fails on serial calls.
+    assert first_step.tool_calls == 3 and 950 <= first_step.tools_ms < 2500, first_step
     assert first_step.duration_ms >= first_step.model_ms + first_step.tools_ms
     # Every event says where it comes from.
     for e in events:

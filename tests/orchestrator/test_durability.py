@@ -172,8 +172,9 @@ async def test_retention_keeps_the_last_runs_and_bounds_each_event_stream(mesh: 
             kept = f"agentmesh:orchestrator:run:{{retention:{run_ids[-1]}}}"
             assert 0 < await raw_redis.ttl(f"{kept}:state") <= 300 and 0 < await raw_redis.ttl(f"{kept}:events") <= 300
 
-            # A long run keeps only its last 100 events.
-            mesh.fake.script("writer", {"text": " ".join(f"w{i}" for i in range(150))})
+            # A long run keeps only its last 100 events. (Paced: the router merges deltas that pile
+            # up faster than they are sent, and this run needs one event per word.)
+            mesh.fake.script("writer", {"text": " ".join(f"w{i}" for i in range(150)), "chunk_delay_s": 0.004})
             events = await collect(stub.Run(agent_pb2.RunRequest(session_id="r", input="Long.", agent="writer"), metadata=md))
             run_id = events[0].started.run_id
             key = f"agentmesh:orchestrator:run:{{retention:{run_id}}}:events"
