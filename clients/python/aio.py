@@ -50,6 +50,7 @@ class AsyncAgent(_AsyncResource):
         input: str,  # noqa: A002 - the proto field's name
         *,
         session_id: str,
+        user_id: str = "",
         agent: str = "",
         model: str = "",
         tools: Sequence[str] = (),
@@ -65,7 +66,7 @@ class AsyncAgent(_AsyncResource):
         request = agent_pb2.RunRequest(
             session_id=session_id, input=input, agent=agent, model=model, tools=list(tools), max_steps=max_steps,
             max_tokens=max_tokens, collection=collection, top_k=top_k, disable_retrieval=disable_retrieval,
-            on_disconnect=on_disconnect,
+            on_disconnect=on_disconnect, user_id=user_id,
         )
         call, info = self._stream(self._stubs.agent.Run, request, timeout, "run")
         return AsyncRunStream(call, info, self._resume_from)

@@ -48,6 +48,7 @@ class Agent(_Resource):
         input: str,  # noqa: A002 - the proto field's name
         *,
         session_id: str,
+        user_id: str = "",
         agent: str = "",
         model: str = "",
         tools: Sequence[str] = (),
@@ -66,6 +67,9 @@ class Agent(_Resource):
             input: the question or instruction, 1..16384 characters.
             session_id: session whose memory the turn reads and extends, 1..128 characters of
                 ``[A-Za-z0-9._:-]``.
+            user_id: the user the run acts for, within the tenant: the session, the long-term
+                facts and the tools' memory are that user's ("" = the caller's authenticated
+                subject, or the tenant's default user).
             agent: a named agent or workflow (see :meth:`list_agents`); then leave ``model``,
                 ``tools``, ``max_steps``, ``max_tokens``, ``collection``, ``top_k`` and
                 ``disable_retrieval`` unset.
@@ -91,7 +95,7 @@ class Agent(_Resource):
         request = agent_pb2.RunRequest(
             session_id=session_id, input=input, agent=agent, model=model, tools=list(tools), max_steps=max_steps,
             max_tokens=max_tokens, collection=collection, top_k=top_k, disable_retrieval=disable_retrieval,
-            on_disconnect=on_disconnect,
+            on_disconnect=on_disconnect, user_id=user_id,
         )
         call, info = self._stream(self._stubs.agent.Run, request, timeout, "run")
         return RunStream(call, info, self._resume_from)

@@ -6,10 +6,11 @@ Commands:
   down           stop the local mesh
   status         health of each component of the local mesh
   ingest         stream the demo corpus (stdlib documentation) into the retrieval service
-  chat           ask the agent a question and print the answer as it streams
+  chat           ask an agent (or workflow: --agent) a question and print the answer as it streams
+  runs           a run by id: show it, approve or reject the tool calls it waits for, cancel it
   eval           evaluations (``agentmesh eval retrieval --beir DIR``: nDCG/recall/MRR on a BEIR dataset)
 
-``ingest`` and ``chat`` talk to the gateway: ``--gateway``, else ``$AGENTMESH_GATEWAY_ADDRESS``,
+``ingest``, ``chat`` and ``runs`` talk to the gateway: ``--gateway``, else ``$AGENTMESH_GATEWAY_ADDRESS``,
 else the gateway of the mesh running from this run folder, else ``127.0.0.1:8080``.
 """
 
@@ -18,13 +19,11 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
-import os
 import signal
 import sys
 import threading
 from typing import Any, NoReturn
 
-import grpc
 import typer
 from google.protobuf import json_format
 from pydantic import ValidationError
@@ -33,10 +32,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 from rich.text import Text
 
+from agentmesh.client import AgentMeshError, AsyncClient, ClientConfig, IngestProgress
 from agentmesh.services.cli import runner
 from agentmesh.services.eval.cli import eval_app
-from agentmesh.services.runtime.clients import channel_options
-from agentmesh.services.runtime.context import TENANT_HEADER
 from agentmesh.services.runtime.settings import SERVICE_NAMES
 
 app = typer.Typer(
@@ -85,20 +83,18 @@ def _gateway_address(option: str | None) -> str:
     return DEFAULT_GATEWAY
 
 
-def _metadata(tenant: str | None) -> tuple[tuple[str, str], ...]:
-    """Call metadata: the tenant, and the gateway credential from the environment —
-    ``AGENTMESH_TOKEN`` (a JWT, sent as ``authorization: Bearer``) or ``AGENTMESH_API_KEY``
-    (sent as ``x-api-key``). A local mesh in dev mode needs neither."""
-    md = [(TENANT_HEADER, tenant)] if tenant else []
-    if token := os.environ.get("AGENTMESH_TOKEN"):
-        md.append(("authorization", f"Bearer {token}"))
-    if api_key := os.environ.get("AGENTMESH_API_KEY"):
-        md.append(("x-api-key", api_key))
-    return tuple(md)
+def _client_config(address: str, tenant: str | None) -> ClientConfig:
+    """The client configuration: the gateway, the tenant, and the gateway credential from the
+    environment — ``AGENTMESH_TOKEN`` (a JWT, sent as ``authorization: Bearer``) or
+    ``AGENTMESH_API_KEY`` (sent as ``x-api-key``). A local mesh in dev mode needs neither."""
+    try:
+        return ClientConfig.from_env(address=address, tenant=tenant)
+    except ValueError as exc:
+        _fail(str(exc), 2)
 
 
-def _rpc_failure(exc: grpc.aio.AioRpcError) -> NoReturn:
-    _fail(f"{exc.code().name}: {exc.details() or 'no details'}")
+def _rpc_failure(exc: AgentMeshError) -> NoReturn:
+    _fail(f"{exc.code.name}: {exc.message or 'no details'}")
 
 
 # -------------------------------------------------------------------------------------- serve
@@ -260,9 +256,10 @@ def ingest(
     if not documents:
         _fail("the corpus yielded no documents", 2)
     address = _gateway_address(gateway)
+    config = _client_config(address, tenant)
     try:
-        reply = asyncio.run(_ingest(address, documents, collection, tenant, timeout))
-    except grpc.aio.AioRpcError as exc:
+        reply = asyncio.run(_ingest(config, documents, collection, timeout))
+    except AgentMeshError as exc:
         _rpc_failure(exc)
     where = f"collection '{collection}'" if collection else "the default collection"
     _info(f"ingested {_plural(len(documents), 'document')} into {where} through {address} (tenant {tenant or 'default'})")
@@ -276,26 +273,21 @@ def ingest(
         _info(f"  {label:<20} {value}")
 
 
-async def _ingest(address: str, documents: list, collection: str, tenant: str | None, timeout_s: float):  # noqa: ANN202
-    from agentmesh.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc  # noqa: PLC0415
-
+async def _ingest(config: ClientConfig, documents: list, collection: str, timeout_s: float):  # noqa: ANN202
     progress = Progress(
         SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=err,
     )
     task = progress.add_task("sending documents", total=len(documents))
 
-    async def requests():  # noqa: ANN202 - async generator of IngestDocumentsRequest
-        for document in documents:
-            yield retrieval_pb2.IngestDocumentsRequest(collection=collection, document=document)
-            # Resumed when gRPC asks for the next message: the previous one has been sent.
-            progress.advance(task)
-        progress.update(task, description="waiting for the retrieval service to embed and write")
+    def sent(report: IngestProgress) -> None:
+        progress.update(task, completed=report.documents_sent)
+        if report.documents_sent == len(documents):
+            progress.update(task, description="waiting for the retrieval service to embed and write")
 
-    async with grpc.aio.insecure_channel(address, options=channel_options()) as channel:
-        stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+    async with AsyncClient(config) as client:
         with progress:
-            reply = await stub.IngestDocuments(requests(), metadata=_metadata(tenant), timeout=timeout_s)
+            reply = await client.documents.ingest(documents, collection=collection, on_progress=sent, timeout=timeout_s)
             progress.update(task, description="embedded and written")
             return reply
 
@@ -309,17 +301,32 @@ def chat(
     session: str = typer.Option(..., "--session", "-s", help="Session id; its memory carries over between turns."),
     gateway: str | None = GATEWAY_OPTION,
     tenant: str | None = TENANT_OPTION,
+    user: str = typer.Option(
+        "", "--user", "-u",
+        help="User the run acts for within the tenant (their session and long-term facts); empty: the gateway's "
+        "authenticated subject, else the tenant's default user.",
+    ),
+    agent: str = typer.Option(
+        "", "--agent", "-a",
+        help="Agent or workflow to run, by name (the orchestrator's agents YAML; the server lists them when the "
+        "name is unknown). Its definition then decides model and collection.",
+    ),
     model: str = typer.Option("", "--model", help="Model alias for the LLM router (empty: the router default)."),
     collection: str = typer.Option("", "--collection", help="Collection to ground the answer in."),
     timeout: float = typer.Option(120.0, "--timeout", min=0.001, help="Deadline of the whole run, in seconds."),
 ) -> None:
     """Ask the agent through the gateway (AgentService.Run) and print the answer as it streams,
-    with tool calls and retrieval as dim side lines and the citations and usage at the end."""
-    address = _gateway_address(gateway)
-    printer = _RunPrinter()
+    with tool calls and retrieval as dim side lines and the citations and usage at the end.
+
+    A run that pauses for a person's approval of a tool call prints the pending calls and the
+    `agentmesh runs approve` / `reject` commands that continue it (exit code 0)."""
+    if agent and (model or collection):
+        _fail(f"--agent {agent} decides the model and collection: leave out --model and --collection", 2)
+    config = _client_config(_gateway_address(gateway), tenant)
+    printer = _RunPrinter(tenant=tenant)
     try:
-        asyncio.run(_chat(address, question, session, tenant, model, collection, timeout, printer))
-    except grpc.aio.AioRpcError as exc:
+        asyncio.run(_chat(config, question, session, agent, model, collection, timeout, printer, user=user))
+    except AgentMeshError as exc:
         printer.end_line()
         _rpc_failure(exc)
     except KeyboardInterrupt:
@@ -332,15 +339,15 @@ def chat(
 
 
 async def _chat(
-    address: str, question: str, session: str, tenant: str | None, model: str, collection: str,
-    timeout_s: float, printer: _RunPrinter,
+    config: ClientConfig, question: str, session: str, agent: str, model: str, collection: str, timeout_s: float,
+    printer: _RunPrinter, *, user: str = "",
 ) -> None:
-    from agentmesh.agent.v1 import agent_pb2, agent_pb2_grpc  # noqa: PLC0415
-
-    request = agent_pb2.RunRequest(session_id=session, input=question, model=model, collection=collection)
-    async with grpc.aio.insecure_channel(address, options=channel_options()) as channel:
-        call = agent_pb2_grpc.AgentServiceStub(channel).Run(request, metadata=_metadata(tenant), timeout=timeout_s)
-        async for event in call:
+    async with AsyncClient(config) as client:
+        run = client.agent.run(
+            question, session_id=session, user_id=user, agent=agent, model=model, collection=collection,
+            timeout=timeout_s,
+        )
+        async for event in run:
             printer.event(event)
 
 
@@ -366,12 +373,15 @@ def _compact(value: Any, limit: int = 200) -> str:
 
 class _RunPrinter:
     """Prints the events of one Run stream: answer text raw and flushed per delta, everything
-    else as dim side lines that always start on a line of their own."""
+    else as dim side lines that always start on a line of their own. ``tenant`` goes into the
+    commands printed for an approval interrupt."""
 
-    def __init__(self) -> None:
+    def __init__(self, run_id: str = "", tenant: str | None = None) -> None:
         self.at_line_start = True
         self.finished = False
         self.tool_names: dict[str, str] = {}
+        self.run_id = run_id
+        self.tenant = tenant
 
     def end_line(self) -> None:
         if not self.at_line_start:
@@ -391,12 +401,26 @@ class _RunPrinter:
                 sys.stdout.flush()
                 self.at_line_start = event.text_delta.text.endswith("\n")
         elif kind == "started":
+            self.run_id = event.started.run_id
             self.side(f"run {event.started.run_id} · request {event.started.request_id}")
         elif kind == "memory_loaded":
             m = event.memory_loaded
             if m.messages or m.messages_omitted:
                 omitted = f", {m.messages_omitted} older omitted" if m.messages_omitted else ""
                 self.side(f"memory: {_plural(m.messages, 'message')} ({_plural(m.tokens, 'token')}{omitted})")
+            if m.facts:
+                self.side(f"memory: {_plural(m.facts, 'fact')} about the user recalled")
+            if m.notice:
+                self.side(f"memory: {m.notice}")
+        elif kind == "interrupt":
+            self.end_line()
+            for line in _approval_lines(self.run_id, event.interrupt, self.tenant):
+                _info(line)
+        elif kind == "interrupt_resolved":
+            verdicts = [f"{'approved' if d.approved else 'rejected'} {d.tool_call_id}" for d in event.interrupt_resolved.decisions]
+            self.side(f"resumed: {', '.join(verdicts)}")
+        elif kind == "resumed":
+            self.side(f"run taken over by {event.resumed.replica}: the step in progress runs again")
         elif kind == "retrieval":
             chunks = event.retrieval.chunks
             titles = ", ".join(f"[{i}] {c.title or c.document_id}" for i, c in enumerate(chunks, 1))
@@ -419,7 +443,8 @@ class _RunPrinter:
                 self.side(f"← {r.name} failed: {r.error_message} ({r.duration_ms} ms)")
             else:
                 output = json_format.MessageToDict(r.output) if r.HasField("output") else None
-                self.side(f"← {r.name} {_compact(output)} ({r.duration_ms} ms)")
+                replayed = ", stored result of the first call" if r.replayed else ""
+                self.side(f"← {r.name} {_compact(output)} ({r.duration_ms} ms{replayed})")
         elif kind == "final":
             self.final(event.final)
 
@@ -441,6 +466,222 @@ class _RunPrinter:
         )
         if final.status == agent_pb2.RUN_STATUS_MAX_STEPS:
             err.print("warning: the run reached its step limit while the model still asked for tools")
+
+
+def _call_spec(approval: Any, approvals: Any) -> str:
+    """How a command names a pending call: its tool call id, or ``<invocation>/<id>`` when two
+    agents of the run wait with the same id."""
+    call_id = approval.tool_call.id
+    shared = sum(1 for a in approvals if a.tool_call.id == call_id) > 1
+    return f"{approval.invocation_id}/{call_id}" if shared else call_id
+
+
+def _approval_lines(run_id: str, interrupt: Any, tenant: str | None) -> list[str]:
+    """The pending calls of an interrupt and the commands that decide them."""
+    approvals = list(interrupt.approvals)
+    lines = [f"approval needed for {_plural(len(approvals), 'tool call')} (run {run_id}, interrupt {interrupt.interrupt_id}):"]
+    for a in approvals:
+        arguments = _compact(json_format.MessageToDict(a.tool_call.arguments))
+        lines.append(f"  {_call_spec(a, approvals)} · {a.tool_call.name}({arguments}) · agent {a.agent}, step {a.step}")
+    specs = " ".join(_call_spec(a, approvals) for a in approvals)
+    where = f" --tenant {tenant}" if tenant else ""
+    lines.append(f"approve with: agentmesh runs approve {run_id} {specs}{where}")
+    lines.append(f'reject with:  agentmesh runs reject {run_id} {specs} --reason "why"{where}')
+    return lines
+
+
+# --------------------------------------------------------------------------------------- runs
+
+runs_app = typer.Typer(
+    help="A run by id (from chat's `run <id>` line): show it, approve or reject the tool calls it waits for, "
+    "cancel it.",
+    no_args_is_help=True,
+)
+app.add_typer(runs_app, name="runs")
+RUN_ID_ARGUMENT = typer.Argument(..., help="The run id (32 hex digits), as chat prints it.")
+
+
+def _run_call(coro_factory: Any) -> Any:
+    try:
+        return asyncio.run(coro_factory())
+    except AgentMeshError as exc:
+        _rpc_failure(exc)
+
+
+@runs_app.command("show")
+def runs_show(
+    run_id: str = RUN_ID_ARGUMENT,
+    gateway: str | None = GATEWAY_OPTION,
+    tenant: str | None = TENANT_OPTION,
+    timeout: float = typer.Option(10.0, "--timeout", min=0.001, help="Deadline of the call, in seconds."),
+) -> None:
+    """Show a run: where it is, usage, answer, the tool calls it waits for.
+
+    From its last checkpoint (AgentService.GetRun); pending calls come with the commands that
+    decide them."""
+    from agentmesh.agent.v1 import agent_pb2  # noqa: PLC0415
+
+    config = _client_config(_gateway_address(gateway), tenant)
+
+    async def get() -> Any:
+        async with AsyncClient(config) as client:
+            return await client.agent.get(run_id, timeout=timeout)
+
+    info = _run_call(get)
+    phase = agent_pb2.RunPhase.Name(info.phase).removeprefix("RUN_PHASE_")
+    status = agent_pb2.RunStatus.Name(info.status).removeprefix("RUN_STATUS_")
+    user = f" · user {info.user_id}" if info.user_id else ""
+    _info(f"run {info.run_id} · agent {info.agent} · session {info.session_id}{user}")
+    u = info.usage
+    _info(
+        f"{phase}" + (f" ({status})" if info.status and status != phase else "") + f" · {_plural(info.steps, 'step')} · "
+        f"{u.input_tokens} input + {u.output_tokens} output tokens · events {info.first_sequence}..{info.last_sequence}"
+    )
+    if info.replica:
+        _info(f"running on {info.replica}")
+    if info.error_message:
+        _info(f"reason: {info.error_message}")
+    if info.output:
+        _info(f"output: {info.output}")
+    if info.phase == agent_pb2.RUN_PHASE_INTERRUPTED:
+        for line in _approval_lines(info.run_id, info.interrupt, tenant):
+            _info(line)
+
+
+def _decide(info: Any, named: list[str], others: list[str], approve: bool, reason: str) -> list[Any]:
+    """One decision per pending call: ``named`` get this command's verdict, ``others`` the
+    opposite; without ``named`` every call not in ``others`` gets this command's verdict. Exits
+    with a message naming the pending calls when a name matches none, several, or a call is
+    left without a decision."""
+    from agentmesh.agent.v1 import agent_pb2  # noqa: PLC0415
+
+    approvals = list(info.interrupt.approvals)
+    pending = ", ".join(f"{_call_spec(a, approvals)} ({a.tool_call.name})" for a in approvals)
+    verdicts: dict[int, bool] = {}
+    for specs, verdict in ((named, approve), (others, not approve)):
+        for spec in specs:
+            hits = [i for i, a in enumerate(approvals)
+                    if spec in (a.tool_call.id, f"{a.invocation_id}/{a.tool_call.id}")]
+            if not hits:
+                _fail(f"run {info.run_id} has no pending tool call {spec!r}; it waits for: {pending}", 2)
+            if len(hits) > 1:
+                _fail(f"{spec!r} names a pending call of several agents; use INVOCATION/CALL_ID: {pending}", 2)
+            if hits[0] in verdicts:
+                _fail(f"tool call {spec!r} is named twice", 2)
+            verdicts[hits[0]] = verdict
+    missing = [i for i in range(len(approvals)) if i not in verdicts]
+    if missing and named:
+        names = " ".join(_call_spec(approvals[i], approvals) for i in missing)
+        _fail(
+            f"every pending call needs a decision; also name {names} (e.g. `agentmesh runs "
+            f"{'approve' if approve else 'reject'} {info.run_id} {' '.join(named)} {names}`, or "
+            f"--{'reject' if approve else 'approve'} {names})", 2,
+        )
+    for i in missing:
+        verdicts[i] = approve
+    decisions = []
+    for i, a in enumerate(approvals):
+        decisions.append(agent_pb2.ToolCallDecision(
+            tool_call_id=a.tool_call.id, invocation_id=a.invocation_id, approved=verdicts[i],
+            reason="" if verdicts[i] else reason,
+        ))
+    return decisions
+
+
+def _resolve(run_id: str, named: list[str], others: list[str], approve: bool, reason: str,
+             gateway: str | None, tenant: str | None, timeout_s: float) -> None:
+    from agentmesh.agent.v1 import agent_pb2  # noqa: PLC0415
+
+    config = _client_config(_gateway_address(gateway), tenant)
+    printer = _RunPrinter(run_id=run_id, tenant=tenant)
+
+    async def resolve() -> None:
+        async with AsyncClient(config) as client:
+            info = await client.agent.get(run_id, timeout=min(timeout_s, 10.0))
+            if info.phase != agent_pb2.RUN_PHASE_INTERRUPTED:
+                phase = agent_pb2.RunPhase.Name(info.phase).removeprefix("RUN_PHASE_")
+                status = agent_pb2.RunStatus.Name(info.status).removeprefix("RUN_STATUS_")
+                _fail(f"run {run_id} is {phase}" + (f" ({status})" if info.status else "") +
+                      ": it waits for no decision")
+            decisions = _decide(info, named, others, approve, reason)
+            stream = client.agent.resolve_interrupt(run_id, info.interrupt.interrupt_id, decisions, timeout=timeout_s)
+            async for event in stream:
+                printer.event(event)
+
+    try:
+        asyncio.run(resolve())
+    except AgentMeshError as exc:
+        printer.end_line()
+        _rpc_failure(exc)
+    except KeyboardInterrupt:
+        printer.end_line()
+        err.print("cancelled")
+        raise typer.Exit(130) from None
+    if not printer.finished:
+        printer.end_line()
+        _fail("UNKNOWN: the stream ended before its final event")
+
+
+CALLS_ARGUMENT = typer.Argument(
+    None, help="Pending tool call ids (as listed by chat or `runs show`); none = every pending call."
+)
+REASON_OPTION = typer.Option("", "--reason", help="Why calls are rejected; the model reads it (at most 1000 characters).")
+
+
+@runs_app.command("approve")
+def runs_approve(
+    run_id: str = RUN_ID_ARGUMENT,
+    calls: list[str] | None = CALLS_ARGUMENT,
+    reject: list[str] | None = typer.Option(None, "--reject", help="A pending call to reject instead (repeatable)."),
+    reason: str = REASON_OPTION,
+    gateway: str | None = GATEWAY_OPTION,
+    tenant: str | None = TENANT_OPTION,
+    timeout: float = typer.Option(120.0, "--timeout", min=0.001, help="Deadline of the rest of the run, in seconds."),
+) -> None:
+    """Approve tool calls a paused run waits for, and follow the run.
+
+    AgentService.ResolveInterrupt; the run is printed from there on as chat does. Every pending
+    call needs a decision: name them all, or none (= all), and reject some with --reject."""
+    _resolve(run_id, list(calls or []), list(reject or []), True, reason, gateway, tenant, timeout)
+
+
+@runs_app.command("reject")
+def runs_reject(
+    run_id: str = RUN_ID_ARGUMENT,
+    calls: list[str] | None = CALLS_ARGUMENT,
+    approve: list[str] | None = typer.Option(None, "--approve", help="A pending call to approve instead (repeatable)."),
+    reason: str = REASON_OPTION,
+    gateway: str | None = GATEWAY_OPTION,
+    tenant: str | None = TENANT_OPTION,
+    timeout: float = typer.Option(120.0, "--timeout", min=0.001, help="Deadline of the rest of the run, in seconds."),
+) -> None:
+    """Reject tool calls a paused run waits for, and follow the run.
+
+    Rejected calls do not run; the model is told a reviewer rejected them (and --reason). The run
+    then goes on and is printed as chat does; approve some with --approve."""
+    _resolve(run_id, list(calls or []), list(approve or []), False, reason, gateway, tenant, timeout)
+
+
+@runs_app.command("cancel")
+def runs_cancel(
+    run_id: str = RUN_ID_ARGUMENT,
+    reason: str = typer.Option("", "--reason", help="Recorded with the run."),
+    gateway: str | None = GATEWAY_OPTION,
+    tenant: str | None = TENANT_OPTION,
+    timeout: float = typer.Option(10.0, "--timeout", min=0.001, help="Deadline of the call, in seconds."),
+) -> None:
+    """Cancel a run: stop it wherever it runs, or end it while paused (AgentService.CancelRun)."""
+    from agentmesh.agent.v1 import agent_pb2  # noqa: PLC0415
+
+    config = _client_config(_gateway_address(gateway), tenant)
+
+    async def cancel() -> Any:
+        async with AsyncClient(config) as client:
+            return await client.agent.cancel(run_id, reason=reason, timeout=timeout)
+
+    info = _run_call(cancel)
+    status = agent_pb2.RunStatus.Name(info.status).removeprefix("RUN_STATUS_") if info.status else "still stopping"
+    _info(f"run {run_id}: {status}")
 
 
 # --------------------------------------------------------------------------------------- eval
