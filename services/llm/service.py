@@ -56,6 +56,7 @@ from agentmesh.services.llm.providers.extractive import ExtractiveProvider
 from agentmesh.services.llm.routing import CircuitBreaker, Router, Runtime, strategy_proto
 from agentmesh.services.runtime.context import current_tenant, downstream_timeout
 from agentmesh.services.runtime.errors import ServiceError, invalid_argument, not_found
+from agentmesh.services.runtime.redis_pool import RedisPoolSettings, pooled_redis
 from agentmesh.services.runtime.server import Service
 from agentmesh.services.runtime.settings import ServiceSettings
 
@@ -72,7 +73,7 @@ EXTRACTIVE_MODEL = cat.EXTRACTIVE
 MAX_CACHE_TTL_S = 30 * 86_400
 
 
-class LLMSettings(ServiceSettings):
+class LLMSettings(ServiceSettings, RedisPoolSettings):
     """Settings of the LLM router (env prefix ``AGENTMESH_LLM_``; the provider keys, the OpenAI
     base URL and the Redis URL are also read from their usual unprefixed variables). Invalid
     combinations fail at start."""
@@ -290,8 +291,11 @@ class LLMService(Service, llm_pb2_grpc.LLMServiceServicer):
         catalogue, from_env = self._load()
         self._check_redis_needs(catalogue)
         if self.settings.redis_url:
-            self.redis = aioredis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=2, socket_timeout=5,
-                                                 health_check_interval=30)
+            self.redis = pooled_redis(
+                self.settings.redis_url, max_connections=self.settings.redis_max_connections,
+                pool_timeout_s=self.settings.redis_pool_timeout_s, socket_connect_timeout=2, socket_timeout=5,
+                health_check_interval=30,
+            )
             self.admission = Admission(self.redis, self.settings.redis_prefix)
             self.cache = ResponseCache(self.redis, self.settings.redis_prefix, self.settings.cache_max_bytes)
             if self.settings.shared_breakers:

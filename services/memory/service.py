@@ -71,6 +71,7 @@ from agentmesh.services.retrieval.embedder import Embedder, SentenceTransformerE
 from agentmesh.services.runtime.clients import Downstream
 from agentmesh.services.runtime.context import current_tenant, remaining_s
 from agentmesh.services.runtime.errors import ServiceError, invalid_argument, not_found, unavailable
+from agentmesh.services.runtime.redis_pool import RedisPoolSettings, pooled_redis
 from agentmesh.services.runtime.server import Service
 from agentmesh.services.runtime.settings import MeshSettings, ServiceSettings
 from agentmesh.services.runtime.tokens import WORDPIECE, CounterChoice, TokenCounter, counter_for, tokenizer_for
@@ -101,7 +102,7 @@ def default_milvus_uri() -> str:
     return str(home / ".agentmesh" / "data" / "memory.db")
 
 
-class MemorySettings(ServiceSettings):
+class MemorySettings(ServiceSettings, RedisPoolSettings):
     """Settings of the memory service (env prefix ``AGENTMESH_MEMORY_``)."""
 
     model_config = SettingsConfigDict(env_prefix="AGENTMESH_MEMORY_", extra="ignore")
@@ -677,9 +678,9 @@ class MemoryService(Service):
         counter = stored.counter
         # No automatic retries inside redis-py: the store retries reads itself and never writes
         # (see store.py); redis-py's default of 10 retries would also hide an outage for seconds.
-        self._redis = aioredis.Redis.from_url(
-            s.redis_url, socket_timeout=s.redis_timeout_s, socket_connect_timeout=s.redis_timeout_s,
-            retry=Retry(NoBackoff(), 0),
+        self._redis = pooled_redis(
+            s.redis_url, max_connections=s.redis_max_connections, pool_timeout_s=s.redis_pool_timeout_s,
+            socket_timeout=s.redis_timeout_s, socket_connect_timeout=s.redis_timeout_s, retry=Retry(NoBackoff(), 0),
         )
         # Pub/sub reads block until a notification comes: no socket timeout on that connection.
         self._events_redis = aioredis.Redis.from_url(

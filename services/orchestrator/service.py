@@ -51,6 +51,7 @@ from agentmesh.services.runtime.context import (
     outgoing_metadata,
 )
 from agentmesh.services.runtime.errors import ServiceError, from_downstream, invalid_argument, not_found
+from agentmesh.services.runtime.redis_pool import RedisPoolSettings
 from agentmesh.services.runtime.server import Service
 from agentmesh.services.runtime.settings import MeshSettings, ServiceSettings
 from agentmesh.tools.v1 import tools_pb2
@@ -72,7 +73,7 @@ _PHASES = {
 }
 
 
-class OrchestratorSettings(ServiceSettings):
+class OrchestratorSettings(ServiceSettings, RedisPoolSettings):
     """Environment: ``AGENTMESH_ORCHESTRATOR_*`` (the Redis URL also from ``REDIS_URL``, then from
     ``AGENTMESH_MEMORY_REDIS_URL``, which the local runner gives every service)."""
 
@@ -102,13 +103,6 @@ class OrchestratorSettings(ServiceSettings):
             "AGENTMESH_ORCHESTRATOR_REDIS_URL", "REDIS_URL", "AGENTMESH_MEMORY_REDIS_URL", "redis_url"
         ),
         description="Redis holding run checkpoints, event streams and leases.",
-    )
-    redis_max_connections: int = Field(
-        256, ge=1, description="Connections to Redis this replica opens at most; a command finding all in use waits "
-        "for one (see redis_pool_timeout_s) instead of failing.",
-    )
-    redis_pool_timeout_s: float = Field(
-        10.0, gt=0, description="Longest wait for a free Redis connection, in seconds (never past the call's deadline).",
     )
     redis_prefix: str = Field("agentmesh:orchestrator", min_length=1, description="Prefix of the run keys.")
     lease_ttl_s: float = Field(

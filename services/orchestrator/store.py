@@ -30,14 +30,12 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
 from agentmesh.agent.v1 import agent_pb2
 from agentmesh.services.orchestrator.state import RunState
-from agentmesh.services.runtime.context import remaining_s
 from agentmesh.services.runtime.errors import ServiceError
+from agentmesh.services.runtime.redis_pool import pooled_redis
 
 log = logging.getLogger("agentmesh.orchestrator")
 
@@ -89,29 +87,10 @@ class RunKeys:
         self.index = f"{prefix}:tenant:{tenant}:runs"
 
 
-class DeadlinePool(aioredis.BlockingConnectionPool):
-    """A pool of at most ``max_connections`` Redis connections where a command that finds them all
-    in use waits for one to be released (redis-py's default pool *refuses* it: "Too many
-    connections"), for at most ``timeout`` seconds and never past the current gRPC call's
-    deadline. Raises redis ``ConnectionError`` when none came free in time (UNAVAILABLE here)."""
-
-    async def get_connection(self, *args: Any, **kwargs: Any):
-        left = remaining_s()
-        if left is None or (self.timeout is not None and left >= self.timeout):
-            return await super().get_connection()
-        try:
-            async with asyncio.timeout(max(left, 0.001)):
-                return await super().get_connection()
-        except TimeoutError as exc:
-            raise RedisConnectionError(
-                f"no Redis connection came free before the call's deadline (all {self.max_connections} in use)"
-            ) from exc
-
-
 class RunStore:
     """Redis access for runs. Methods raise :class:`ServiceError` (UNAVAILABLE) when Redis fails.
 
-    Commands share one :class:`DeadlinePool` of ``max_connections`` connections; a command that
+    Commands share one :class:`~agentmesh.services.runtime.redis_pool.DeadlinePool` of ``max_connections`` connections; a command that
     finds them all busy waits up to ``pool_timeout_s`` (and within its call's deadline)."""
 
     def __init__(
@@ -126,14 +105,9 @@ class RunStore:
         max_connections: int = 256,
         pool_timeout_s: float = 10.0,
     ):
-        pool = DeadlinePool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=pool_timeout_s,
-            socket_connect_timeout=2,
-            socket_timeout=10,
+        self.redis = pooled_redis(
+            url, max_connections=max_connections, pool_timeout_s=pool_timeout_s, socket_connect_timeout=2, socket_timeout=10
         )
-        self.redis = aioredis.Redis.from_pool(pool)  # the client closes the pool with itself
         self.url = url
         self.prefix = prefix
         self.lease_ms = lease_ms

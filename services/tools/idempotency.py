@@ -36,10 +36,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from agentmesh.services.runtime.errors import ServiceError, unavailable
+from agentmesh.services.runtime.redis_pool import pooled_redis
 
 _RUNNING = b"R"
 _CANCELLING = b"C"
@@ -200,8 +200,11 @@ class RedisIdempotencyStore(IdempotencyStore):
 
     kind = "redis"
 
-    def __init__(self, url: str, timeout_s: float = 2.0):
-        self._redis = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    def __init__(self, url: str, timeout_s: float = 2.0, *, max_connections: int = 256, pool_timeout_s: float = 10.0):
+        self._redis = pooled_redis(
+            url, max_connections=max_connections, pool_timeout_s=pool_timeout_s,
+            socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+        )
         self._claim = self._redis.register_script(_CLAIM)
         self._complete = self._redis.register_script(_COMPLETE)
         self._release = self._redis.register_script(_RELEASE)

@@ -39,6 +39,7 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 from agentmesh.services.runtime.clients import Downstream
 from agentmesh.services.runtime.context import current_tenant, remaining_s
 from agentmesh.services.runtime.errors import ServiceError, invalid_argument
+from agentmesh.services.runtime.redis_pool import RedisPoolSettings
 from agentmesh.services.runtime.server import Service
 from agentmesh.services.runtime.settings import MeshSettings, ServiceSettings
 from agentmesh.services.tools import idempotency
@@ -79,7 +80,7 @@ class ToolLimitSetting(BaseModel):
     max_runtime_s: float | None = Field(None, gt=0)
 
 
-class ToolsSettings(ServiceSettings):
+class ToolsSettings(ServiceSettings, RedisPoolSettings):
     """Settings of the tool service (env prefix ``AGENTMESH_TOOLS_``)."""
 
     model_config = SettingsConfigDict(env_prefix="AGENTMESH_TOOLS_", extra="ignore", populate_by_name=True)
@@ -484,7 +485,9 @@ class ToolsService(Service):
         s = self.settings
         mcp_config = load_config(s.mcp_config) if s.mcp_config else None
         if s.redis_url:
-            self.idempotency = idempotency.RedisIdempotencyStore(s.redis_url)
+            self.idempotency = idempotency.RedisIdempotencyStore(
+                s.redis_url, max_connections=s.redis_max_connections, pool_timeout_s=s.redis_pool_timeout_s
+            )
         tools = self._tools
         if tools is None:
             tools = await self._builtin_tools()

@@ -12,11 +12,10 @@ five services; the provider is the fake of :mod:`tests.faults.provider`):
 
 Limits raised for this mesh (the defaults protect a real deployment): the gateway's Run bucket
 (20/s → 2000/s) and default bucket (200/s → 5000/s), per Envoy instance; the router's wait for a
-first token (30 s → 120 s), because the 500 streams are held at the provider until all are open;
-and the services' Redis connection pools (``?max_connections=2000`` in the Redis URL). The last
-one works around a bug: redis-py's default pool holds 100 connections and *refuses* the 101st
-command in flight, so with defaults about half of 500 concurrent runs fail with UNAVAILABLE "run
-store (Redis) unavailable: Too many connections".
+first token (30 s → 120 s), because the 500 streams are held at the provider until all are open.
+The services' Redis pools keep their defaults (256 connections, a command waits for a free one:
+services/runtime/redis_pool.py); redis-py's own pool refused the 101st command in flight, which
+failed about half of 500 concurrent runs with UNAVAILABLE "Too many connections".
 """
 
 from __future__ import annotations
@@ -48,8 +47,6 @@ STREAMS = 500
 #: Envoy allows 100 concurrent streams per client connection.
 CONNECTIONS = 10
 ANSWER = "Every stream gets this answer in eight pieces."
-#: Connections each Redis client of a service may open (see RedisServer.url).
-REDIS_POOL = 2000
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +57,7 @@ def fake():
 
 @dataclass
 class RedisServer:
-    """The mesh's Redis, started here (not by the runner) so its URL can carry pool options."""
+    """The mesh's Redis, started here (not by the runner) so the test can kill and restart it."""
 
     port: int
     folder: Path
@@ -71,9 +68,7 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        # redis-py's client pools allow 100 connections by default and refuse the 101st
-        # ("Too many connections"); 500 concurrent runs need more.
-        return f"redis://127.0.0.1:{self.port}/0?max_connections={REDIS_POOL}"
+        return f"redis://127.0.0.1:{self.port}/0"
 
 
 @pytest.fixture(scope="module")
