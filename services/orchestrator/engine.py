@@ -156,6 +156,11 @@ def _aggregate_input(task: str, branches: list[Invocation]) -> str:
     return "\n".join(parts)
 
 
+async def _nothing() -> None:
+    """Stands for a fetch that is switched off, in :func:`_all`."""
+    return None
+
+
 async def _all(coros: Iterable[Coroutine[Any, Any, Any]]) -> list[Any]:
     """Run ``coros`` concurrently; the first failure cancels the others and is raised as is."""
     tasks: list[asyncio.Task] = []
@@ -520,29 +525,33 @@ class RunExecution:
         messages: list[common_pb2.Message] = []
         if spec.instructions:
             messages.append(common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content=spec.instructions))
-        loaded = agent_pb2.MemoryLoaded()
-        if spec.memory.facts.enabled:
-            facts = await self.calls.recall_facts(
+        # Facts, history and retrieval do not depend on each other: fetch them concurrently (the
+        # search would otherwise wait for the memory hop), then emit in the documented order.
+        # A specialist searches for its task; the others for the run's question.
+        query = inv.task if inv.role in (Role.AGENT_ROLE_SINGLE, Role.AGENT_ROLE_SPECIALIST) else self.request.input
+        facts, history, found = await _all((
+            self.calls.recall_facts(
                 self.state.user_id, inv.task, spec.memory.facts.top_k, spec.memory.facts.min_similarity
-            )
+            ) if spec.memory.facts.enabled else _nothing(),
+            self.calls.load_memory(self.state.session_id, self.state.user_id, spec.memory.token_budget, model=spec.model)
+            if spec.memory.enabled else _nothing(),
+            self.calls.retrieve(spec.retrieval.collection, query, spec.retrieval.top_k)
+            if spec.retrieval.enabled else _nothing(),
+        ))
+        loaded = agent_pb2.MemoryLoaded()
+        if facts is not None:
             loaded.facts, loaded.notice = len(facts.facts), facts.notice
             if facts.facts:
                 lines = "\n".join(f"- {f.fact.text}" for f in facts.facts)
                 messages.append(common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content=f"{FACTS_HEADER}\n{lines}"))
-        if spec.memory.enabled:
-            history = await self.calls.load_memory(
-                self.state.session_id, self.state.user_id, spec.memory.token_budget, model=spec.model
-            )
+        if history is not None:
             loaded.messages, loaded.tokens = len(history.messages), history.tokens_used
             loaded.messages_omitted = history.messages_omitted
             messages.extend(drop_orphan_tool_messages(list(history.messages)))
         if spec.memory.enabled or spec.memory.facts.enabled:
             self.emit(inv, memory_loaded=loaded)
-        chunks: list[common_pb2.Chunk] = []
+        chunks: list[common_pb2.Chunk] = found if found is not None else []
         if spec.retrieval.enabled:
-            # A specialist searches for its task; the others for the run's question.
-            query = inv.task if inv.role in (Role.AGENT_ROLE_SINGLE, Role.AGENT_ROLE_SPECIALIST) else self.request.input
-            chunks = await self.calls.retrieve(spec.retrieval.collection, query, spec.retrieval.top_k)
             self.emit(inv, retrieval=agent_pb2.RetrievalCompleted(chunks=chunks))
         inv.context = [c.SerializeToString() for c in chunks]
         self._context[inv.id] = chunks
