@@ -8,6 +8,8 @@ It does, for every call, in one place:
 - refusal with DEADLINE_EXCEEDED when the remaining deadline is below the service's minimum;
 - translation of :class:`ServiceError` into a gRPC status, and of any other exception into
   INTERNAL (logged with its traceback, never shown to the caller);
+- refusal with INVALID_ARGUMENT of request bytes that do not decode into the request type
+  (grpc.aio would answer UNKNOWN, naming a Python exception);
 - one structured log line per call with method, status code and duration (ms);
 - the Prometheus RPC metrics of :mod:`~agentmesh.services.runtime.telemetry` (started, handled by
   code, latency, stream items sent, in flight).
@@ -36,21 +38,33 @@ log = logging.getLogger("agentmesh.rpc")
 #: Infrastructure RPCs that are neither deadline-checked nor logged.
 _QUIET_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
+#: Metric children by (metric, label values): ``labels()`` validates, converts and takes a lock on
+#: every call; the children of a method never change, so each is looked up once.
+_children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+
+def _child(metric: Any, labels: tuple[str, ...]) -> Any:
+    key = (metric, labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return child
+
 
 class _CallScope:
     """Sets the call's context variables and records its outcome for the log line."""
 
-    def __init__(self, method: str, kind: str, context: grpc.aio.ServicerContext, min_deadline_s: float):
+    def __init__(self, method: str, labels: tuple[str, str, str], context: grpc.aio.ServicerContext,
+                 min_deadline_s: float):
         self.method = method
         self.context = context
         self.min_deadline_s = min_deadline_s
         self.code = grpc.StatusCode.OK
         self.start = time.perf_counter()
         self.tokens: list[tuple[Any, Any]] = []
-        service, name = telemetry.split_method(method)
-        self.labels = (service, name, kind)
-        telemetry.RPC_STARTED.labels(*self.labels).inc()
-        telemetry.RPC_IN_FLIGHT.labels(*self.labels).inc()
+        self.labels = labels  # (service, method name, kind)
+        _child(telemetry.RPC_STARTED, labels).inc()
+        _child(telemetry.RPC_IN_FLIGHT, labels).inc()
 
     async def enter(self) -> None:
         metadata = {k: v for k, v in (self.context.invocation_metadata() or ()) if isinstance(v, str)}
@@ -88,9 +102,9 @@ class _CallScope:
     def log(self) -> None:
         elapsed_s = time.perf_counter() - self.start
         elapsed_ms = elapsed_s * 1000
-        telemetry.RPC_IN_FLIGHT.labels(*self.labels).dec()
-        telemetry.RPC_HANDLED.labels(*self.labels, self.code.name).inc()
-        telemetry.RPC_LATENCY.labels(*self.labels).observe(elapsed_s)
+        _child(telemetry.RPC_IN_FLIGHT, self.labels).dec()
+        _child(telemetry.RPC_HANDLED, (*self.labels, self.code.name)).inc()
+        _child(telemetry.RPC_LATENCY, self.labels).observe(elapsed_s)
         level = logging.ERROR if self.code == grpc.StatusCode.INTERNAL else logging.INFO
         log.log(
             level,
@@ -119,11 +133,57 @@ def _is_abort(exc: BaseException) -> bool:
     return type(exc).__name__ == "AbortError"
 
 
+class _Malformed:
+    """Stands for request bytes the deserializer refused (see :func:`_tolerant`)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserializer`` returning a :class:`_Malformed` instead of raising: grpc.aio decodes a
+    request before any handler code runs, and answers a decoding error with UNKNOWN; this way the
+    wrapper below answers it with INVALID_ARGUMENT."""
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError, or whatever a custom deserializer raises
+            return _Malformed(exc)
+
+    return decode
+
+
+def _valid(request: Any, label: str = "the request") -> Any:
+    """``request``, or INVALID_ARGUMENT when it could not be decoded."""
+    if isinstance(request, _Malformed):
+        raise ServiceError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{label} is not a valid serialized protobuf message of this method's request type "
+            f"({request.error}); send the message the method's .proto declares",
+        )
+    return request
+
+
+async def _valid_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    index = 0
+    async for request in requests:
+        yield _valid(request, f"request message {index} of the stream")
+        index += 1
+
+
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     """The interceptor described in the module docstring."""
 
     def __init__(self, min_deadline_ms: int = 0):
         self.min_deadline_s = min_deadline_ms / 1000.0
+        # method -> (handler, its wrapper): the server returns the same handler object for a
+        # method every time, and the wrapper keeps no per-call state, so it is built once.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -134,18 +194,28 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith(_QUIET_PREFIXES):
             return handler
-        return _wrap_handler(handler, method, self.min_deadline_s)
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = _wrap_handler(handler, method, self.min_deadline_s)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
 
 def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, min_deadline_s: float) -> grpc.RpcMethodHandler:
-    kind = telemetry.grpc_type(handler)
+    labels = (*telemetry.split_method(method), telemetry.grpc_type(handler))
+
+    streaming_request = bool(handler.stream_unary or handler.stream_stream)
+
+    def checked(request_or_iterator):
+        return _valid_stream(request_or_iterator) if streaming_request else _valid(request_or_iterator)
 
     def unary_response(behavior):
         async def wrapper(request_or_iterator, context):
-            scope = _CallScope(method, kind, context, min_deadline_s)
+            scope = _CallScope(method, labels, context, min_deadline_s)
             try:
                 await scope.enter()
-                return await behavior(request_or_iterator, context)
+                return await behavior(checked(request_or_iterator), context)
             except BaseException as exc:  # noqa: BLE001 - translated into a status by fail()
                 await scope.fail(exc)
             finally:
@@ -156,11 +226,11 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, min_deadline_s: f
 
     def stream_response(behavior):
         async def wrapper(request_or_iterator, context) -> AsyncIterator[Any]:
-            scope = _CallScope(method, kind, context, min_deadline_s)
-            sent = telemetry.RPC_MSG_SENT.labels(*scope.labels)
+            scope = _CallScope(method, labels, context, min_deadline_s)
+            sent = _child(telemetry.RPC_MSG_SENT, labels)
             try:
                 await scope.enter()
-                async for item in behavior(request_or_iterator, context):
+                async for item in behavior(checked(request_or_iterator), context):
                     sent.inc()
                     yield item
             except BaseException as exc:  # noqa: BLE001 - translated into a status by fail()
@@ -177,16 +247,16 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, min_deadline_s: f
 
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
-            unary_response(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+            unary_response(handler.unary_unary), _tolerant(handler.request_deserializer), handler.response_serializer
         )
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(
-            stream_response(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+            stream_response(handler.unary_stream), _tolerant(handler.request_deserializer), handler.response_serializer
         )
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(
-            unary_response(handler.stream_unary), handler.request_deserializer, handler.response_serializer
+            unary_response(handler.stream_unary), _tolerant(handler.request_deserializer), handler.response_serializer
         )
     return grpc.stream_stream_rpc_method_handler(
-        stream_response(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+        stream_response(handler.stream_stream), _tolerant(handler.request_deserializer), handler.response_serializer
     )
