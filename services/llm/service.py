@@ -548,6 +548,7 @@ class LLMService(Service, llm_pb2_grpc.LLMServiceServicer):
                     raise invalid_argument(
                         f"messages[{i}].tool_calls[{j}].name {call.name[:80]!r} must match ^[a-zA-Z0-9_-]{{1,64}}$"
                     )
+                _check_json(call.arguments, f"messages[{i}].tool_calls[{j}].arguments")
                 call_ids.add(call.id)
             if m.role == Role.ROLE_TOOL:
                 if not m.tool_call_id:
@@ -567,6 +568,7 @@ class LLMService(Service, llm_pb2_grpc.LLMServiceServicer):
             schema_type = tool.parameters_schema.fields.get("type")
             if schema_type is not None and schema_type.string_value != "object":
                 raise invalid_argument(f"tools[{i}].parameters_schema must describe an object (\"type\": \"object\")")
+            _check_json(tool.parameters_schema, f"tools[{i}].parameters_schema")
 
     def validate(self, request: llm_pb2.GenerateRequest | llm_pb2.StreamGenerateRequest) -> GenerationRequest:
         """Check ``request`` and resolve its defaults. Raises INVALID_ARGUMENT naming the field."""
@@ -592,6 +594,15 @@ class LLMService(Service, llm_pb2_grpc.LLMServiceServicer):
             temperature=temperature,
             timeout_s=downstream_timeout(self.settings.total_timeout_s, reserve_s=DEADLINE_RESERVE_S),
         )
+
+
+def _check_json(struct: struct_pb2.Struct, field: str) -> None:
+    """INVALID_ARGUMENT when ``struct`` has no JSON form (a NaN or infinite number): providers,
+    token counts and the cache key all see it as JSON."""
+    try:
+        json_format.MessageToDict(struct)
+    except ValueError as exc:
+        raise invalid_argument(f"{field} cannot be written as JSON ({exc}): use finite numbers") from None
 
 
 def _stamp(path: str) -> tuple[int, int, int] | None:

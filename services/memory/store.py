@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 import grpc
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
+from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
 from agentmesh.common.v1 import common_pb2
@@ -197,8 +198,9 @@ def validate_messages(
     """Check every message and return their serialized forms, in order.
 
     Rules (INVALID_ARGUMENT naming ``messages[i]`` on the first violation): 1..limit messages; a
-    known role; tool calls only on assistant messages, each with an id and a name; a tool message
-    answers a ``tool_call_id``; each message at most ``max_message_bytes_each`` bytes serialized.
+    known role; tool calls only on assistant messages, each with an id, a name and arguments JSON
+    can hold (no NaN or Infinity); a tool message answers a ``tool_call_id``; each message at most
+    ``max_message_bytes_each`` bytes serialized.
     """
     if not messages:
         raise invalid_argument(f"{field} is empty: append at least one message")
@@ -219,6 +221,12 @@ def validate_messages(
         for j, call in enumerate(message.tool_calls):
             if not call.id or not call.name:
                 raise invalid_argument(f"{field}[{i}].tool_calls[{j}] needs both an id and a name")
+            try:  # counted and summarized as JSON: NaN and Infinity have no JSON form
+                json_format.MessageToDict(call.arguments)
+            except ValueError as exc:
+                raise invalid_argument(
+                    f"{field}[{i}].tool_calls[{j}].arguments cannot be written as JSON ({exc}): use finite numbers"
+                ) from None
         if message.role == common_pb2.ROLE_TOOL and not message.tool_call_id:
             raise invalid_argument(
                 f"{field}[{i}] is a ROLE_TOOL message without tool_call_id: set the id of the call it answers"

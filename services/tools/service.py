@@ -196,7 +196,10 @@ class ToolServicer(tools_pb2_grpc.ToolServiceServicer):
                 "is only given to a retry with the same key"
             )
         tool = registry.get(request.name)
-        arguments = json_format.MessageToDict(request.arguments)
+        try:
+            arguments = json_format.MessageToDict(request.arguments)
+        except ValueError as exc:  # NaN or Infinity: no JSON form for the schema or the tool
+            raise invalid_argument(f"arguments cannot be written as JSON ({exc}): use finite numbers") from None
         registry.validate(tool.name, arguments)
         limits = registry.limits(tool.name)
         runtime_s = limits.max_runtime_s or self._service.settings.max_runtime_s
