@@ -112,7 +112,7 @@ from agentmesh.services.cli.processes import Proc, free_port, port_is_open, spaw
 from agentmesh.services.llm.providers.base import ProviderError, SSEParser
 from agentmesh.services.llm.providers.http import LeanTransport
 from agentmesh.services.retrieval.corpus import stdlib_documents
-from bench.common import RESULTS_DIR, latency_stats, print_table, write_json
+from bench.common import RESULTS_DIR, freeze_gc, latency_stats, print_table, write_json
 
 FIRST_TOKEN_MS = 50.0
 TOKEN_MS = 20.0
@@ -1035,6 +1035,7 @@ def main() -> None:
         args.mesh_env = dict(item.split("=", 1) for item in args.mesh_env)
     except ValueError:
         parser.error("--mesh-env takes NAME=VALUE")
+    freeze_gc()
     asyncio.run(soak_main(args) if args.soak_s > 0 else levels_main(args))
 
 

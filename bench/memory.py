@@ -59,7 +59,7 @@ from agentmesh.services.memory.cache import ContextCache
 from agentmesh.services.memory.store import SessionStore
 from agentmesh.services.runtime.clients import check_health
 from agentmesh.services.runtime.tokens import default_token_counter
-from bench.common import latency_stats, plot_latency, print_table, rss_mb, write_json
+from bench.common import freeze_gc, latency_stats, plot_latency, print_table, rss_mb, write_json
 
 CONCURRENCY = (1, 16, 64)
 SESSION_MESSAGES = 200
@@ -346,6 +346,7 @@ def main() -> None:
                         "measured with one more)")
     args = parser.parse_args()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    freeze_gc()
     write_json("memory", asyncio.run(run(args.seconds, args.server_processes)))
 
 

@@ -56,7 +56,7 @@ import redis
 from agentmesh.agent.v1 import agent_pb2, agent_pb2_grpc
 from agentmesh.services.cli.processes import Proc, free_port, spawn, start_redis
 from agentmesh.services.runtime.clients import check_health
-from bench.common import latency_stats, plot_latency, print_table, rss_mb, write_json
+from bench.common import freeze_gc, latency_stats, plot_latency, print_table, rss_mb, write_json
 
 CONCURRENCY = (1, 16, 64)
 STEPS_PER_RUN = 4
@@ -279,6 +279,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=12.0, help="measured seconds per concurrency level")
     args = parser.parse_args()
+    freeze_gc()
     write_json("orchestrator", asyncio.run(bench(args.seconds)))
 
 

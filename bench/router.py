@@ -64,7 +64,7 @@ from agentmesh.services.cli.processes import Proc, free_port, spawn, start_redis
 from agentmesh.services.llm.providers.base import ProviderError, SSEParser
 from agentmesh.services.llm.providers.http import LeanTransport
 from agentmesh.services.runtime.clients import check_health
-from bench.common import latency_stats, print_table, rss_mb, write_json
+from bench.common import freeze_gc, latency_stats, print_table, rss_mb, write_json
 
 FIRST_TOKEN_MS = 100.0
 TOKEN_MS = 10.0
@@ -448,4 +448,5 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--bare-grpc-server":
         asyncio.run(_serve_bare(int(sys.argv[2])))
     else:
+        freeze_gc()
         asyncio.run(main())

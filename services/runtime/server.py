@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from typing import ClassVar
@@ -89,6 +90,7 @@ async def serve(service: Service, *, stop_event: asyncio.Event | None = None, ha
         configure_logging(settings.log_level)
         telemetry.configure_tracing(service.kind)
     name = SERVICE_NAMES[service.kind]
+    telemetry.watch_gc_pauses()
     port = settings.port or DEFAULT_PORTS[service.kind]
 
     metrics_server = None
@@ -139,6 +141,11 @@ async def serve(service: Service, *, stop_event: asyncio.Event | None = None, ha
 
     async def readiness_loop() -> None:
         await service.start()
+        if settings.gc_freeze and handle_signals:  # in a test process, other tests' garbage would stay
+            # What start-up built lives as long as the process; one collection now, then the
+            # collector never walks it again (Python docs, gc.freeze).
+            gc.collect()
+            gc.freeze()
         was: bool | None = None
         while True:
             try:

@@ -56,6 +56,13 @@ class ServiceSettings(BaseSettings):
         1.0, gt=0, description="How often the readiness probe behind grpc.health.v1 runs, in seconds."
     )
     log_level: str = Field("INFO", description="Python logging level.")
+    gc_freeze: bool = Field(
+        True,
+        description="Once started, move every object alive into the garbage collector's permanent "
+        "generation (gc.freeze), so full collections stop rescanning the start-up heap (imports, "
+        "catalogues, models) while requests wait: on the router, full-collection pauses fell from "
+        "25-40 ms to ~2 ms (services/llm/README.md).",
+    )
     metrics_port: int = Field(
         0,
         ge=0,

@@ -125,6 +125,10 @@ async def test_a_service_process_serves_metrics_exports_spans_and_logs_trace_ids
             after = await scrape(metrics_port)
             handled = ("grpc_server_handled_total", labels("Run", "server_stream", grpc_code="UNAVAILABLE"))
             assert after[handled] == 1
+            # The start-up heap was frozen after one full collection, and collections are timed.
+            assert after[("python_gc_frozen_objects", ())] > 10_000
+            assert after[("python_gc_pause_seconds_count", (("generation", "2"),))] >= 1
+            assert after[("python_gc_pause_seconds_count", (("generation", "0"),))] >= 1
         finally:
             proc.stop(10)
 
