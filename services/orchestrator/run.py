@@ -23,8 +23,8 @@ Tracing (OpenTelemetry GenAI semantic conventions): inside the RPC's SERVER span
 ``invoke_agent <agent>`` span (``agent_span``), parent of a ``chat`` span per model call, an
 ``execute_tool`` span per tool call, a ``retrieval`` span and ``memory load`` / ``memory append``
 spans; a workflow's agents are ``invoke_agent`` spans of their own below the workflow's, a
-specialist's below the supervisor's ``execute_tool transfer_to_<name>``. The gRPC CLIENT span of
-each downstream call (and the downstream service's own spans) nest under them.
+specialist's below the supervisor's ``execute_tool transfer_to_<name>``. The SERVER span of each
+downstream call (and the downstream service's own spans) nest under them.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ The server interceptor sets them from the incoming metadata (``x-request-id``, `
 ``x-subject``); typed clients copy them onto every downstream call, so one request keeps its id,
 tenant and caller across the mesh. The tenant and subject are set by the gateway from the
 caller's verified credential (gateway/README.md); a call without a tenant belongs to ``default``.
-The trace context travels separately, in ``traceparent`` (see ``telemetry.py``).
+:func:`outgoing_metadata` also carries the current span's W3C trace context (``traceparent``,
+``tracestate``), so the callee's SERVER span is a child of the caller's span around the call.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import contextvars
 import re
 import time
 import uuid
+
+from opentelemetry import propagate
 
 REQUEST_ID_HEADER = "x-request-id"
 TENANT_HEADER = "x-tenant-id"
@@ -49,12 +52,16 @@ def current_request_id() -> str:
 
 
 def outgoing_metadata() -> tuple[tuple[str, str], ...]:
-    """Metadata that carries the current request id, tenant and subject onto a downstream call."""
+    """Metadata that carries the current request id, tenant, subject and trace context (of the
+    span current where it is called) onto a downstream call."""
     md = [(TENANT_HEADER, tenant_var.get())]
     if request_id := request_id_var.get():
         md.append((REQUEST_ID_HEADER, request_id))
     if subject := subject_var.get():
         md.append((SUBJECT_HEADER, subject))
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)  # the globally configured propagators: W3C trace context + baggage
+    md.extend(carrier.items())
     return tuple(md)
 
 

@@ -11,8 +11,9 @@ Tracing
 
     Context crosses services in the W3C ``traceparent``/``tracestate`` metadata:
     :func:`server_interceptor` (``opentelemetry-instrumentation-grpc``) continues the caller's
-    trace with one SERVER span per RPC, :func:`client_interceptors` start a CLIENT span per
-    downstream call and inject its context. Health checks and reflection are not traced.
+    trace with one SERVER span per RPC; ``context.outgoing_metadata`` injects the current span's
+    context into every downstream call (no CLIENT spans: see ``clients.py``). Health checks and
+    reflection are not traced.
 
 Metrics
     Counters and histograms in the ``prometheus_client`` default registry, named after
@@ -41,7 +42,7 @@ from typing import Any
 
 import grpc
 from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, filters
+from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -169,11 +170,6 @@ def shutdown_tracing() -> None:
 def server_interceptor() -> grpc.aio.ServerInterceptor:
     """The SERVER-span interceptor; put it first so the rest of the call runs inside the span."""
     return aio_server_interceptor(filter_=_not_infrastructure())
-
-
-def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
-    """CLIENT-span interceptors for a downstream channel; they inject ``traceparent``."""
-    return aio_client_interceptors(filter_=_not_infrastructure())
 
 
 def start_metrics_server(port: int, host: str = "0.0.0.0") -> Any:  # noqa: S104 - scraped by Prometheus
