@@ -129,6 +129,7 @@ class MemoryServiceServicer:
 
     def AppendMessages(self, request, context):
         """AppendMessages appends messages to a session atomically: all of them or none.
+        Over HTTP: `POST /v1/sessions/{session_id}/messages` with the request as JSON.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -136,6 +137,7 @@ class MemoryServiceServicer:
 
     def GetContext(self, request, context):
         """GetContext returns the most recent messages of a session that fit `token_budget`.
+        Over HTTP: `GET /v1/sessions/{session_id}/context` (other fields as query parameters).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -143,6 +145,7 @@ class MemoryServiceServicer:
 
     def ListMessages(self, request, context):
         """ListMessages returns stored messages by sequence range, including those a summary covers.
+        Over HTTP: `GET /v1/sessions/{session_id}/messages` (other fields as query parameters).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -150,6 +153,7 @@ class MemoryServiceServicer:
 
     def WatchSession(self, request, context):
         """WatchSession streams the messages of a session as they are appended.
+        Over HTTP: `GET /v1/sessions/{session_id}/messages:watch`, one JSON object per line.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -157,6 +161,7 @@ class MemoryServiceServicer:
 
     def GetSession(self, request, context):
         """GetSession describes a session: version, stored range, summary, pinned content, retention.
+        Over HTTP: `GET /v1/sessions/{session_id}` (other fields as query parameters).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -164,6 +169,7 @@ class MemoryServiceServicer:
 
     def SetPinnedMessages(self, request, context):
         """SetPinnedMessages replaces the session's pinned system messages (always first in GetContext).
+        Over HTTP: `PUT /v1/sessions/{session_id}/pinned` with the request as JSON.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -172,6 +178,7 @@ class MemoryServiceServicer:
     def CompactSession(self, request, context):
         """CompactSession folds older messages into the running summary now (it also happens on its own
         once a session passes the configured size). The messages themselves are kept.
+        Over HTTP: `POST /v1/sessions/{session_id}/messages:compact` with the request as JSON.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -179,6 +186,7 @@ class MemoryServiceServicer:
 
     def SetRetention(self, request, context):
         """SetRetention sets a session's time to live and how many messages it keeps.
+        Over HTTP: `PUT /v1/sessions/{session_id}/retention` with the request as JSON.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -186,6 +194,7 @@ class MemoryServiceServicer:
 
     def DeleteSession(self, request, context):
         """DeleteSession deletes a session and, unless asked not to, the facts extracted from it.
+        Over HTTP: `DELETE /v1/sessions/{session_id}` (other fields as query parameters).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -194,6 +203,7 @@ class MemoryServiceServicer:
     def ForgetUser(self, request, context):
         """ForgetUser deletes everything stored about a user of the caller's tenant: every session and
         every fact (the right to be forgotten).
+        Over HTTP: `DELETE /v1/users/{user_id}` (other fields as query parameters).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -201,6 +211,7 @@ class MemoryServiceServicer:
 
     def RememberFacts(self, request, context):
         """RememberFacts stores facts about a user; exact and near duplicates are merged.
+        Over HTTP: `POST /v1/users/{user_id}/facts` with the request as JSON.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -208,6 +219,7 @@ class MemoryServiceServicer:
 
     def RecallFacts(self, request, context):
         """RecallFacts returns a user's facts most related to a query, weighted by recency.
+        Over HTTP: `POST /v1/users/{user_id}/facts:recall` with the request as JSON.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -215,6 +227,7 @@ class MemoryServiceServicer:
 
     def ListFacts(self, request, context):
         """ListFacts pages through a user's facts, most recently updated first.
+        Over HTTP: `GET /v1/users/{user_id}/facts` (other fields as query parameters).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -222,6 +235,7 @@ class MemoryServiceServicer:
 
     def DeleteFacts(self, request, context):
         """DeleteFacts deletes facts of a user by id.
+        Over HTTP: `POST /v1/users/{user_id}/facts:delete` with the request as JSON.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
