@@ -21,7 +21,10 @@ Figures:
   ``FIRST_TOKEN_MS`` (100 ms) and the next ones every ``TOKEN_MS`` (10 ms: 100 tokens/s per
   stream, a fast hosted model), so 50 and 200 streams offer about 3,400 and 14,000 tokens/s; with
   the router process's CPU time per stream (``psutil`` ``cpu_times`` over the run / streams
-  finished), the figure that matters on a shared machine where wall times are inflated;
+  finished), the figure that matters on a shared machine where wall times are inflated. The
+  workers start spread over one stream's duration (``STAGGER_S``), so N streams are open at any
+  time and arrive at a steady rate; the same 50-stream run with every worker started at once
+  (``latency_lockstep``) shows what a burst of 50 simultaneous first tokens costs instead;
 - throughput: completion tokens finished per second through the router (usage ``output_tokens``
   / wall time), with the router process's CPU use, in two shapes of load: *paced* (100-token
   completions at one token every 5 ms — 200 tokens/s per stream, like a fast model — at 100, 200
@@ -71,6 +74,10 @@ TOKEN_MS = 10.0
 LATENCY_TOKENS = 20
 THROUGHPUT_TOKENS = 1000
 LEVELS = (1, 50, 200)
+#: Latency workers start spread over one stream's duration: the load is N streams open at any
+#: time, arriving at a steady rate. Started together, closed-loop workers whose streams last the
+#: same time stay in lockstep, and the p99 would be that of N simultaneous first tokens (a burst).
+STAGGER_S = (FIRST_TOKEN_MS + LATENCY_TOKENS * TOKEN_MS) / 1000
 LEVEL_S = 8.0
 WARMUP_S = 1.5
 BURST_LEVELS = (8, 32)
@@ -192,15 +199,18 @@ class Level:
 
 
 async def run_level(call: Callable[[], Awaitable[Sample]], concurrency: int, seconds: float,
-                    warmup_s: float) -> Level:
+                    warmup_s: float, stagger_s: float = 0.0) -> Level:
+    """``concurrency`` closed-loop workers calling ``call`` back to back for ``warmup_s`` +
+    ``seconds``; worker i starts after ``i / concurrency * stagger_s`` (within the warm-up)."""
     begin = time.perf_counter()
     measure_from = begin + warmup_s
     stop_at = measure_from + seconds
     samples: list[Sample] = []
     errors = streams = tokens = 0
 
-    async def worker() -> None:
+    async def worker(i: int) -> None:
         nonlocal errors, streams, tokens
+        await asyncio.sleep(i / concurrency * stagger_s)
         while time.perf_counter() < stop_at:
             started = time.perf_counter()
             try:
@@ -213,7 +223,7 @@ async def run_level(call: Callable[[], Awaitable[Sample]], concurrency: int, sec
             if started >= measure_from:
                 samples.append(sample)
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
     return Level(samples, errors, time.perf_counter() - measure_from, streams, tokens)
 
 
@@ -226,19 +236,20 @@ def _ms(samples: list[Sample], index: int) -> dict[str, float]:
     return latency_stats([s[index] * 1000 for s in samples])
 
 
-async def latency(router_port: int, router: Proc, fake_port: int, levels=LEVELS, label: str = "router") -> list[dict]:
+async def latency(router_port: int, router: Proc, fake_port: int, levels=LEVELS, label: str = "router",
+                  stagger_s: float = STAGGER_S) -> list[dict]:
     rows = []
     router_cpu, own_cpu = psutil.Process(router.pid), psutil.Process()
     client = LeanTransport("fake", max_connections=1000)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{router_port}") as channel:
         direct, routed = direct_call(client, fake_port), router_call(llm_pb2_grpc.LLMServiceStub(channel))
         for concurrency in levels:
-            direct_level = await run_level(direct, concurrency, LEVEL_S, WARMUP_S)
+            direct_level = await run_level(direct, concurrency, LEVEL_S, WARMUP_S, stagger_s)
             d, d_err, d_wall = direct_level.samples, direct_level.errors, direct_level.wall
             router_cpu.cpu_percent()
             own_cpu.cpu_percent()
             cpu_before = _cpu_s(router_cpu)
-            routed_level = await run_level(routed, concurrency, LEVEL_S, WARMUP_S)
+            routed_level = await run_level(routed, concurrency, LEVEL_S, WARMUP_S, stagger_s)
             cpu_spent = _cpu_s(router_cpu) - cpu_before
             r, r_err, r_wall = routed_level.samples, routed_level.errors, routed_level.wall
             cpu = (router_cpu.cpu_percent(), own_cpu.cpu_percent())
@@ -365,6 +376,7 @@ async def main() -> None:
         await _wait_http(fake_port, fake)
         await _wait_grpc(router_port, router)
         results["latency"] = await latency(router_port, router, fake_port)
+        results["latency_lockstep"] = await latency(router_port, router, fake_port, (50,), "router, lockstep start", 0.0)
         router.stop()
 
         print("latency with Redis admission (tenant RPM / TPM limits)", flush=True)
@@ -432,7 +444,7 @@ async def main() -> None:
     results["machine_load"] = {"loadavg_1_5_15_at_end": [round(x, 2) for x in os.getloadavg()],
                                "loadavg_1_5_15_at_start": load_at_start,
                                "niceness": os.nice(0)}
-    print_table("router overhead (ms): router minus direct, same load", lat + results["latency_with_admission"], [
+    print_table("router overhead (ms): router minus direct, same load", lat + results["latency_lockstep"] + results["latency_with_admission"], [
         "path", "concurrency", "direct_streams_per_s", "router_streams_per_s", "direct_ttft_p50_ms",
         "router_ttft_p50_ms", "added_ttft_p50_ms", "added_ttft_p99_ms", "added_total_p50_ms", "added_total_p99_ms",
         "router_cpu_percent", "router_cpu_ms_per_stream", "load_generator_cpu_percent"])
