@@ -48,6 +48,8 @@ Figures:
   events as the client reads them, pooled over the streams; "added" likewise (the fake paces
   tokens at :data:`TOKEN_MS`; a delayed token shortens the next gap, so the added p50 stays near
   0 and the p99 shows the stalls);
+- every level's workers start spread over one provider stream's duration (``STAGGER_S``,
+  within the warm-up), so N streams are open at any time and arrive at a steady rate;
 - completed runs (or direct streams) per second, counted as they finish inside the measured
   window; errors by status;
 - CPU time per completed run of every process over the measured window (``psutil`` user +
@@ -118,6 +120,8 @@ FIRST_TOKEN_MS = 50.0
 TOKEN_MS = 20.0
 TOKENS = 32
 LEVELS = (1, 50, 200)
+#: Workers of a level start spread over the provider's own stream duration (``closed_loop``).
+STAGGER_S = (FIRST_TOKEN_MS + TOKENS * TOKEN_MS) / 1000
 MEASURE_S = 12.0
 WARMUP_S = 3.0
 #: Longest wait for the streams still running when a level's window closes, in seconds.
@@ -410,6 +414,9 @@ async def closed_loop(call: Call, level: Level, warmup_s: float, measure_s: floa
     measuring = False
 
     async def worker(w: int) -> None:
+        # Spread over one stream's duration: N streams open at any time, arriving at a steady
+        # rate (started together, equal-length streams would stay in lockstep: bursts of N).
+        await asyncio.sleep(w / level.concurrency * STAGGER_S)
         while time.perf_counter() < stop_at:
             started = time.perf_counter()
             try:
