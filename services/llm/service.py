@@ -502,8 +502,9 @@ class LLMService(Service, llm_pb2_grpc.LLMServiceServicer):
     async def GetSpend(  # noqa: N802
         self, request: llm_pb2.GetSpendRequest, context: grpc.aio.ServicerContext
     ) -> llm_pb2.GetSpendResponse:
-        """Spend of the caller's tenant (and API key) in the current budget period.
-        FAILED_PRECONDITION without Redis; UNAVAILABLE when Redis does not answer."""
+        """Spend of the caller's tenant (and API key) in the current budget period, and what its
+        calls in flight hold (USD). FAILED_PRECONDITION without Redis; UNAVAILABLE when Redis does
+        not answer."""
         state = self.current()
         if self.admission is None:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
@@ -519,12 +520,12 @@ class LLMService(Service, llm_pb2_grpc.LLMServiceServicer):
         spends = []
         for scope in scopes:
             try:
-                spent = await self.admission.spent(scope)
+                spent, held = await self.admission.spent(scope), await self.admission.held(scope)
             except redis.RedisError as exc:
                 raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"Redis is unreachable: {exc}") from None
             period_id, _, _ = budget_period(scope.limits, now)
             spends.append(llm_pb2.Spend(scope=scope.kind, id=scope.id, spent_usd=spent, budget_usd=scope.limits.budget_usd,
-                                        period=scope.limits.budget_period, period_id=period_id))
+                                        period=scope.limits.budget_period, period_id=period_id, held_usd=held))
         return llm_pb2.GetSpendResponse(spends=spends)
 
     # --- validation ---------------------------------------------------------------------------

@@ -143,6 +143,25 @@ async def test_spend_is_tracked_and_a_spent_budget_refuses(tmp_path, fake, redis
     assert len(fake.requests) == 2
 
 
+async def test_spend_shows_what_calls_in_flight_hold_until_they_settle(tmp_path, fake, redis_settings):
+    # Worst case held at admission: max_tokens 500 at $10 per million output tokens alone is $0.005.
+    fake.enqueue({"text": "ok", "usage": {"input_tokens": 1000, "output_tokens": 20}, "first_token_delay_s": 1.5})
+    limits = {"tenants": {"acme": {"budget_usd": 1.0, "budget_period": "day"}}}
+    catalogue = chat(fake, limits, input_usd_per_mtok=2.0, output_usd_per_mtok=10.0)
+    async with catalogue_router(tmp_path / "c.yaml", catalogue, **redis_settings) as stub:
+        in_flight = asyncio.create_task(call(stub, request(max_tokens=500), with_tenant("acme")))
+        while not fake.requests:  # admitted (and held) before the provider is called
+            await asyncio.sleep(0.02)
+        (during,) = (await stub.GetSpend(llm_pb2.GetSpendRequest(), metadata=with_tenant("acme"), timeout=5)).spends
+        events, err = await in_flight
+        assert err is None
+        (after,) = (await stub.GetSpend(llm_pb2.GetSpendRequest(), metadata=with_tenant("acme"), timeout=5)).spends
+    assert during.spent_usd == 0.0 and 0.005 <= during.held_usd < 0.006
+    # Settled to the real cost: 1000 input + 20 output tokens = $0.0022, nothing held any more.
+    assert after.held_usd == 0.0 and after.spent_usd == pytest.approx(0.0022)
+    assert events[-1].finish.cost_usd == pytest.approx(0.0022)
+
+
 async def test_deployment_limits_send_traffic_to_the_next_deployment(tmp_path, redis_settings):
     with FakeOpenAIServer(api_key="sk-test") as a, FakeOpenAIServer(api_key="sk-test") as b:
         a.enqueue(*[{"text": "from a"}] * 5)

@@ -275,20 +275,22 @@ class GetSpendRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Spend(_message.Message):
-    __slots__ = ("scope", "id", "spent_usd", "budget_usd", "period", "period_id")
+    __slots__ = ("scope", "id", "spent_usd", "budget_usd", "period", "period_id", "held_usd")
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     SPENT_USD_FIELD_NUMBER: _ClassVar[int]
     BUDGET_USD_FIELD_NUMBER: _ClassVar[int]
     PERIOD_FIELD_NUMBER: _ClassVar[int]
     PERIOD_ID_FIELD_NUMBER: _ClassVar[int]
+    HELD_USD_FIELD_NUMBER: _ClassVar[int]
     scope: str
     id: str
     spent_usd: float
     budget_usd: float
     period: str
     period_id: str
-    def __init__(self, scope: _Optional[str] = ..., id: _Optional[str] = ..., spent_usd: _Optional[float] = ..., budget_usd: _Optional[float] = ..., period: _Optional[str] = ..., period_id: _Optional[str] = ...) -> None: ...
+    held_usd: float
+    def __init__(self, scope: _Optional[str] = ..., id: _Optional[str] = ..., spent_usd: _Optional[float] = ..., budget_usd: _Optional[float] = ..., period: _Optional[str] = ..., period_id: _Optional[str] = ..., held_usd: _Optional[float] = ...) -> None: ...
 
 class GetSpendResponse(_message.Message):
     __slots__ = ("spends",)
