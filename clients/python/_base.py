@@ -12,7 +12,7 @@ from agentmesh.agent.v1 import agent_pb2, agent_pb2_grpc
 from agentmesh.client.config import REQUEST_ID_HEADER, CallKind, ClientConfig
 from agentmesh.common.v1 import common_pb2
 from agentmesh.llm.v1 import llm_pb2, llm_pb2_grpc
-from agentmesh.memory.v1 import memory_pb2_grpc
+from agentmesh.memory.v1 import memory_pb2, memory_pb2_grpc
 from agentmesh.retrieval.v1 import retrieval_pb2_grpc
 from agentmesh.tools.v1 import tools_pb2_grpc
 
@@ -75,6 +75,11 @@ class CallSettings:
         seconds = self.timeout(kind, timeout)
         info = CallInfo(new_request_id(), None if seconds is None else time.monotonic() + seconds)
         return {"timeout": seconds, "metadata": (*self._metadata, (REQUEST_ID_HEADER, info.request_id))}, info
+
+
+def fact_input(fact: str | memory_pb2.FactInput) -> memory_pb2.FactInput:
+    """A ``FactInput`` as given, or a plain string as a ``FACT_KIND_FACT`` without sources."""
+    return memory_pb2.FactInput(text=fact, kind=memory_pb2.FACT_KIND_FACT) if isinstance(fact, str) else fact
 
 
 def run_event(item: Any) -> agent_pb2.RunResponse:

@@ -9,13 +9,15 @@ description); unary methods are coroutines, streams are :class:`AsyncStream` /
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
 
 from agentmesh.agent.v1 import agent_pb2
-from agentmesh.client._base import CallInfo, CallSettings, IngestProgress, Stubs, llm_request, new_request_id, run_event
+from agentmesh.client._base import (
+    CallInfo, CallSettings, IngestProgress, Stubs, fact_input, llm_request, new_request_id, run_event,
+)
 from agentmesh.client.config import CallKind, ClientConfig
 from agentmesh.client.errors import UnavailableError, error_from_rpc
 from agentmesh.client.streams import AsyncRunStream, AsyncStream
@@ -23,6 +25,7 @@ from agentmesh.common.v1 import common_pb2
 from agentmesh.llm.v1 import llm_pb2
 from agentmesh.memory.v1 import memory_pb2
 from agentmesh.retrieval.v1 import retrieval_pb2
+from agentmesh.tools.v1 import tools_pb2
 
 
 class _AsyncResource:
@@ -192,6 +195,84 @@ class AsyncSessions(_AsyncResource):
         return await self._unary(self._stubs.memory.DeleteSession, request, timeout)
 
 
+class AsyncFacts(_AsyncResource):
+    """Long-term memory of a user; see :class:`agentmesh.client.sync.Facts`."""
+
+    async def remember(
+        self, user_id: str, facts: Sequence[str | memory_pb2.FactInput], *, timeout: float | None = None
+    ) -> list[memory_pb2.RememberedFact]:
+        """Store facts, merging duplicates (see ``Facts.remember``)."""
+        request = memory_pb2.RememberFactsRequest(user_id=user_id, facts=[fact_input(f) for f in facts])
+        return list((await self._unary(self._stubs.memory.RememberFacts, request, timeout)).results)
+
+    async def recall(
+        self,
+        user_id: str,
+        query: str,
+        *,
+        top_k: int = 0,
+        min_similarity: float | None = None,
+        recency_weight: float | None = None,
+        min_score: float | None = None,
+        timeout: float | None = None,
+    ) -> list[memory_pb2.RecalledFact]:
+        """The user's facts most related to ``query`` (see ``Facts.recall``)."""
+        request = memory_pb2.RecallFactsRequest(user_id=user_id, query=query, top_k=top_k)
+        for field, value in (("min_similarity", min_similarity), ("recency_weight", recency_weight),
+                             ("min_score", min_score)):
+            if value is not None:
+                setattr(request, field, value)
+        return list((await self._unary(self._stubs.memory.RecallFacts, request, timeout)).facts)
+
+    async def delete(self, user_id: str, fact_ids: Sequence[str], *, timeout: float | None = None) -> int:
+        """Delete facts by id; how many existed (see ``Facts.delete``)."""
+        request = memory_pb2.DeleteFactsRequest(user_id=user_id, fact_ids=list(fact_ids))
+        return (await self._unary(self._stubs.memory.DeleteFacts, request, timeout)).facts_deleted
+
+    async def forget_user(self, user_id: str, *, timeout: float | None = None) -> memory_pb2.ForgetUserResponse:
+        """Delete every session and fact of the user (see ``Facts.forget_user``)."""
+        return await self._unary(self._stubs.memory.ForgetUser, memory_pb2.ForgetUserRequest(user_id=user_id), timeout)
+
+    async def list(  # noqa: A003 - last in the class: the name shadows the builtin only below it
+        self, user_id: str, *, page_size: int = 0, page_token: str = "", timeout: float | None = None
+    ) -> memory_pb2.ListFactsResponse:
+        """A page of the user's facts (see ``Facts.list``)."""
+        request = memory_pb2.ListFactsRequest(user_id=user_id, page_size=page_size, page_token=page_token)
+        return await self._unary(self._stubs.memory.ListFacts, request, timeout)
+
+
+class AsyncTools(_AsyncResource):
+    """Tool execution; see :class:`agentmesh.client.sync.Tools`."""
+
+    def execute(
+        self,
+        name: str,
+        arguments: Mapping[str, Any] | None = None,
+        *,
+        idempotency_key: str = "",
+        session_id: str = "",
+        user_id: str = "",
+        timeout: float | None = None,
+    ) -> AsyncStream[tools_pb2.ExecuteToolResponse]:
+        """Run a tool: ``progress`` events, then its ``result`` (see ``Tools.execute``)."""
+        request = tools_pb2.ExecuteToolRequest(name=name, idempotency_key=idempotency_key, session_id=session_id,
+                                               user_id=user_id)
+        request.arguments.update(dict(arguments or {}))
+        call, info = self._stream(self._stubs.tools.ExecuteTool, request, timeout, "tool")
+        return AsyncStream(call, info)
+
+    async def cancel(
+        self, name: str, idempotency_key: str, *, timeout: float | None = None
+    ) -> tools_pb2.CancelToolCallResponse:
+        """Cancel a running call by its idempotency key (see ``Tools.cancel``)."""
+        request = tools_pb2.CancelToolCallRequest(name=name, idempotency_key=idempotency_key)
+        return await self._unary(self._stubs.tools.CancelToolCall, request, timeout)
+
+    async def list(self, *, timeout: float | None = None) -> tools_pb2.ListToolsResponse:  # noqa: A003
+        """Every tool with its JSON Schema and details (see ``Tools.list``)."""
+        return await self._unary(self._stubs.tools.ListTools, tools_pb2.ListToolsRequest(), timeout)
+
+
 class AsyncDocuments(_AsyncResource):
     """Ingestion and search; see :class:`agentmesh.client.sync.Documents`."""
 
@@ -318,6 +399,8 @@ class AsyncClient:
         self.sessions = AsyncSessions(self.stubs, self._settings)
         self.documents = AsyncDocuments(self.stubs, self._settings)
         self.llm = AsyncLLM(self.stubs, self._settings)
+        self.facts = AsyncFacts(self.stubs, self._settings)
+        self.tools = AsyncTools(self.stubs, self._settings)
 
     def call_options(self, kind: CallKind = "unary", timeout: float | None = None) -> dict[str, Any]:
         """``timeout`` and ``metadata`` keyword arguments for a raw stub call (``client.stubs``)."""

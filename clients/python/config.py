@@ -32,7 +32,7 @@ TENANT_HEADER = "x-tenant-id"
 REQUEST_ID_HEADER = "x-request-id"
 
 #: The kinds of call a deadline is configured for (see :class:`Timeouts`).
-CallKind = Literal["unary", "run", "generate", "ingest", "watch"]
+CallKind = Literal["unary", "run", "generate", "ingest", "watch", "tool"]
 
 #: Methods gRPC may send again on a retryable status: reads, and AppendMessages, which the client
 #: always sends with an idempotency key (the memory service answers a repeated key with the first
@@ -66,6 +66,7 @@ class Timeouts:
         generate_s: LLM Generate / StreamGenerate. 120 s.
         ingest_s: one IngestDocuments upload, embedding included. 1800 s.
         watch_s: WatchSession, which is meant to stay open. None (no deadline).
+        tool_s: one ExecuteTool stream (the tool service bounds each tool's own run time). 120 s.
     """
 
     unary_s: float | None = 10.0
@@ -73,9 +74,10 @@ class Timeouts:
     generate_s: float | None = 120.0
     ingest_s: float | None = 1800.0
     watch_s: float | None = None
+    tool_s: float | None = 120.0
 
     def __post_init__(self) -> None:
-        for name in ("unary_s", "run_s", "generate_s", "ingest_s", "watch_s"):
+        for name in ("unary_s", "run_s", "generate_s", "ingest_s", "watch_s", "tool_s"):
             _positive_or_none(f"Timeouts.{name}", getattr(self, name))
 
     def for_kind(self, kind: CallKind) -> float | None:

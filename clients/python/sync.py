@@ -7,13 +7,15 @@ configured deadline of its kind (or its own ``timeout=``, in seconds), and raise
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
 
 from agentmesh.agent.v1 import agent_pb2
-from agentmesh.client._base import CallInfo, CallSettings, IngestProgress, Stubs, llm_request, new_request_id, run_event
+from agentmesh.client._base import (
+    CallInfo, CallSettings, IngestProgress, Stubs, fact_input, llm_request, new_request_id, run_event,
+)
 from agentmesh.client.config import CallKind, ClientConfig
 from agentmesh.client.errors import UnavailableError, error_from_rpc
 from agentmesh.client.streams import RunStream, Stream
@@ -21,6 +23,7 @@ from agentmesh.common.v1 import common_pb2
 from agentmesh.llm.v1 import llm_pb2
 from agentmesh.memory.v1 import memory_pb2
 from agentmesh.retrieval.v1 import retrieval_pb2
+from agentmesh.tools.v1 import tools_pb2
 
 
 class _Resource:
@@ -251,6 +254,97 @@ class Sessions(_Resource):
         return self._unary(self._stubs.memory.DeleteSession, request, timeout)
 
 
+class Facts(_Resource):
+    """Long-term memory of a user: facts and preferences stored with embeddings
+    (``agentmesh.memory.v1.MemoryService``), scoped to the caller's tenant. ``user_id`` "" means
+    the user ``default``."""
+
+    def remember(
+        self, user_id: str, facts: Sequence[str | memory_pb2.FactInput], *, timeout: float | None = None
+    ) -> list[memory_pb2.RememberedFact]:
+        """Store facts (a plain string is a ``FACT_KIND_FACT`` without sources). One result per
+        fact, in order: ``outcome`` CREATED, EXACT_DUPLICATE or MERGED (a near duplicate; then
+        ``similarity``) with the ``fact_id`` kept. Raises InvalidArgumentError (empty or too long
+        text, too many facts), UnavailableError."""
+        request = memory_pb2.RememberFactsRequest(user_id=user_id, facts=[fact_input(f) for f in facts])
+        return list(self._unary(self._stubs.memory.RememberFacts, request, timeout).results)
+
+    def recall(
+        self,
+        user_id: str,
+        query: str,
+        *,
+        top_k: int = 0,
+        min_similarity: float | None = None,
+        recency_weight: float | None = None,
+        min_score: float | None = None,
+        timeout: float | None = None,
+    ) -> list[memory_pb2.RecalledFact]:
+        """The user's facts most related to ``query``, best first: cosine ``similarity`` blended
+        with ``recency`` by ``recency_weight`` into ``score`` (unset fields: the service's
+        defaults; ``top_k`` 0 = 5)."""
+        request = memory_pb2.RecallFactsRequest(user_id=user_id, query=query, top_k=top_k)
+        for field, value in (("min_similarity", min_similarity), ("recency_weight", recency_weight),
+                             ("min_score", min_score)):
+            if value is not None:
+                setattr(request, field, value)
+        return list(self._unary(self._stubs.memory.RecallFacts, request, timeout).facts)
+
+    def delete(self, user_id: str, fact_ids: Sequence[str], *, timeout: float | None = None) -> int:
+        """Delete facts by id; returns how many existed."""
+        request = memory_pb2.DeleteFactsRequest(user_id=user_id, fact_ids=list(fact_ids))
+        return self._unary(self._stubs.memory.DeleteFacts, request, timeout).facts_deleted
+
+    def forget_user(self, user_id: str, *, timeout: float | None = None) -> memory_pb2.ForgetUserResponse:
+        """Delete every session and fact of the user (the right to be forgotten). Behind an
+        authenticating gateway it needs the ``admin`` role (PermissionDeniedError)."""
+        return self._unary(self._stubs.memory.ForgetUser, memory_pb2.ForgetUserRequest(user_id=user_id), timeout)
+
+    def list(  # noqa: A003 - last in the class: the name shadows the builtin only below it
+        self, user_id: str, *, page_size: int = 0, page_token: str = "", timeout: float | None = None
+    ) -> memory_pb2.ListFactsResponse:
+        """A page of the user's facts, most recently updated first; continue with
+        ``next_page_token`` until it is empty."""
+        request = memory_pb2.ListFactsRequest(user_id=user_id, page_size=page_size, page_token=page_token)
+        return self._unary(self._stubs.memory.ListFacts, request, timeout)
+
+
+class Tools(_Resource):
+    """Tool execution (``agentmesh.tools.v1.ToolService``): the registry and direct calls."""
+
+    def execute(
+        self,
+        name: str,
+        arguments: Mapping[str, Any] | None = None,
+        *,
+        idempotency_key: str = "",
+        session_id: str = "",
+        user_id: str = "",
+        timeout: float | None = None,
+    ) -> Stream[tools_pb2.ExecuteToolResponse]:
+        """Run tool ``name`` with JSON ``arguments`` (checked against its schema): ``progress``
+        events while it runs, then one ``result``. With ``idempotency_key`` a repeated call returns
+        the first result without running again, and :meth:`cancel` can stop it. Raises
+        NotFoundError (unknown tool), InvalidArgumentError (arguments), ResourceExhaustedError
+        (the tool's concurrency limit), DeadlineExceededError."""
+        request = tools_pb2.ExecuteToolRequest(name=name, idempotency_key=idempotency_key, session_id=session_id,
+                                               user_id=user_id)
+        request.arguments.update(dict(arguments or {}))
+        call, info = self._stream(self._stubs.tools.ExecuteTool, request, timeout, "tool")
+        return Stream(call, info)
+
+    def cancel(self, name: str, idempotency_key: str, *, timeout: float | None = None) -> tools_pb2.CancelToolCallResponse:
+        """Cancel the running call of ``name`` made with ``idempotency_key`` (its processes are
+        killed); NotFoundError when no such call runs."""
+        request = tools_pb2.CancelToolCallRequest(name=name, idempotency_key=idempotency_key)
+        return self._unary(self._stubs.tools.CancelToolCall, request, timeout)
+
+    def list(self, *, timeout: float | None = None) -> tools_pb2.ListToolsResponse:  # noqa: A003
+        """Every tool: ``tools`` (name, description, JSON Schema of the arguments, ready for any
+        provider) and ``details`` (origin, limits, approval)."""
+        return self._unary(self._stubs.tools.ListTools, tools_pb2.ListToolsRequest(), timeout)
+
+
 class Documents(_Resource):
     """Ingestion and search (``agentmesh.retrieval.v1.RetrievalService``), scoped to the caller's
     tenant. Behind an authenticating gateway ingestion needs the ``admin`` role."""
@@ -380,7 +474,8 @@ class Client:
 
     Attributes:
         agent: runs (:class:`Agent`); sessions: memory (:class:`Sessions`); documents: ingestion
-        and search (:class:`Documents`); llm: completions (:class:`LLM`); stubs: the raw stubs.
+        and search (:class:`Documents`); llm: completions (:class:`LLM`); facts: long-term
+        memory (:class:`Facts`); tools: tool calls (:class:`Tools`); stubs: the raw stubs.
     """
 
     def __init__(self, config: ClientConfig | None = None, *, channel: grpc.Channel | None = None) -> None:
@@ -402,6 +497,8 @@ class Client:
         self.sessions = Sessions(self.stubs, self._settings)
         self.documents = Documents(self.stubs, self._settings)
         self.llm = LLM(self.stubs, self._settings)
+        self.facts = Facts(self.stubs, self._settings)
+        self.tools = Tools(self.stubs, self._settings)
 
     def call_options(self, kind: CallKind = "unary", timeout: float | None = None) -> dict[str, Any]:
         """``timeout`` and ``metadata`` keyword arguments for a raw stub call (``client.stubs``)."""

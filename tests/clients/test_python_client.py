@@ -229,6 +229,44 @@ def test_sync_session_read_your_writes(mesh, config):
 
 
 @pytest.mark.timeout(120)
+async def test_facts_remember_recall_list_delete_and_forget(mesh, config):
+    user_id = f"py-facts-{time.time_ns()}"
+    preference = memory_pb2.FactInput(text="Wants replies in Portuguese.", kind=memory_pb2.FACT_KIND_PREFERENCE)
+    async with AsyncClient(config) as client:
+        results = await client.facts.remember(user_id, ["Lives in Lisbon.", preference, "Lives in Lisbon."])
+        assert [r.outcome for r in results] == [
+            memory_pb2.REMEMBER_OUTCOME_CREATED, memory_pb2.REMEMBER_OUTCOME_CREATED,
+            memory_pb2.REMEMBER_OUTCOME_EXACT_DUPLICATE,
+        ]
+        lisbon, portuguese = results[0].fact_id, results[1].fact_id
+        assert results[2].fact_id == lisbon
+        (best,) = await client.facts.recall(user_id, "Which language should we answer in?", top_k=1)
+        assert best.fact.fact_id == portuguese and best.fact.kind == memory_pb2.FACT_KIND_PREFERENCE
+        assert {f.fact_id for f in (await client.facts.list(user_id)).facts} == {lisbon, portuguese}
+        assert await client.facts.delete(user_id, [lisbon, "0" * 32]) == 1
+        assert (await client.facts.forget_user(user_id)).facts_deleted == 1
+        assert not (await client.facts.list(user_id)).facts
+        with pytest.raises(InvalidArgumentError):
+            await client.facts.remember(user_id, [""])
+
+
+@pytest.mark.timeout(120)
+def test_sync_tools_list_execute_and_errors(mesh, config):
+    with Client(config) as client:
+        listed = client.tools.list()
+        assert "calculator" in {t.name for t in listed.tools} and len(listed.details) == len(listed.tools)
+        with client.tools.execute("calculator", {"expression": "6 * 7"}) as events:
+            (result,) = [e.result for e in events if e.WhichOneof("event") == "result"]
+        assert not result.is_error and result.output.struct_value["result"] == 42
+        with pytest.raises(NotFoundError), client.tools.execute("no_such_tool", {}) as events:
+            list(events)
+        with pytest.raises(InvalidArgumentError), client.tools.execute("calculator", {"expr": 1}) as events:
+            list(events)
+        # The sync facts resource speaks the same calls.
+        assert client.facts.list(f"py-nobody-{time.time_ns()}").facts == []
+
+
+@pytest.mark.timeout(120)
 async def test_llm_completion_streams_through_the_gateway(mesh, config):
     chunk = common_pb2.Chunk(chunk_id="c#0", document_id="c", title="json",
                              text="json.loads parses a JSON string into a Python object.")
