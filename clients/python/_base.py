@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +14,7 @@ from agentmesh.common.v1 import common_pb2
 from agentmesh.llm.v1 import llm_pb2, llm_pb2_grpc
 from agentmesh.memory.v1 import memory_pb2, memory_pb2_grpc
 from agentmesh.retrieval.v1 import retrieval_pb2_grpc
-from agentmesh.tools.v1 import tools_pb2_grpc
+from agentmesh.tools.v1 import tools_pb2, tools_pb2_grpc
 
 
 class Stubs:
@@ -80,6 +80,28 @@ class CallSettings:
 def fact_input(fact: str | memory_pb2.FactInput) -> memory_pb2.FactInput:
     """A ``FactInput`` as given, or a plain string as a ``FACT_KIND_FACT`` without sources."""
     return memory_pb2.FactInput(text=fact, kind=memory_pb2.FACT_KIND_FACT) if isinstance(fact, str) else fact
+
+
+def recall_request(
+    user_id: str, query: str, top_k: int, min_similarity: float | None, recency_weight: float | None,
+    min_score: float | None,
+) -> memory_pb2.RecallFactsRequest:
+    """A RecallFactsRequest; the optional fields left unset (service defaults) when None."""
+    request = memory_pb2.RecallFactsRequest(user_id=user_id, query=query, top_k=top_k)
+    for field, value in (("min_similarity", min_similarity), ("recency_weight", recency_weight), ("min_score", min_score)):
+        if value is not None:
+            setattr(request, field, value)
+    return request
+
+
+def execute_tool_request(
+    name: str, arguments: Mapping[str, Any] | None, idempotency_key: str, session_id: str, user_id: str
+) -> tools_pb2.ExecuteToolRequest:
+    """An ExecuteToolRequest with ``arguments`` as its Struct."""
+    request = tools_pb2.ExecuteToolRequest(name=name, idempotency_key=idempotency_key, session_id=session_id,
+                                           user_id=user_id)
+    request.arguments.update(dict(arguments or {}))
+    return request
 
 
 def run_event(item: Any) -> agent_pb2.RunResponse:

@@ -16,7 +16,16 @@ import grpc
 
 from agentmesh.agent.v1 import agent_pb2
 from agentmesh.client._base import (
-    CallInfo, CallSettings, IngestProgress, Stubs, fact_input, llm_request, new_request_id, run_event,
+    CallInfo,
+    CallSettings,
+    IngestProgress,
+    Stubs,
+    execute_tool_request,
+    fact_input,
+    llm_request,
+    new_request_id,
+    recall_request,
+    run_event,
 )
 from agentmesh.client.config import CallKind, ClientConfig
 from agentmesh.client.errors import UnavailableError, error_from_rpc
@@ -217,11 +226,7 @@ class AsyncFacts(_AsyncResource):
         timeout: float | None = None,
     ) -> list[memory_pb2.RecalledFact]:
         """The user's facts most related to ``query`` (see ``Facts.recall``)."""
-        request = memory_pb2.RecallFactsRequest(user_id=user_id, query=query, top_k=top_k)
-        for field, value in (("min_similarity", min_similarity), ("recency_weight", recency_weight),
-                             ("min_score", min_score)):
-            if value is not None:
-                setattr(request, field, value)
+        request = recall_request(user_id, query, top_k, min_similarity, recency_weight, min_score)
         return list((await self._unary(self._stubs.memory.RecallFacts, request, timeout)).facts)
 
     async def delete(self, user_id: str, fact_ids: Sequence[str], *, timeout: float | None = None) -> int:
@@ -255,9 +260,7 @@ class AsyncTools(_AsyncResource):
         timeout: float | None = None,
     ) -> AsyncStream[tools_pb2.ExecuteToolResponse]:
         """Run a tool: ``progress`` events, then its ``result`` (see ``Tools.execute``)."""
-        request = tools_pb2.ExecuteToolRequest(name=name, idempotency_key=idempotency_key, session_id=session_id,
-                                               user_id=user_id)
-        request.arguments.update(dict(arguments or {}))
+        request = execute_tool_request(name, arguments, idempotency_key, session_id, user_id)
         call, info = self._stream(self._stubs.tools.ExecuteTool, request, timeout, "tool")
         return AsyncStream(call, info)
 

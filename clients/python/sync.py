@@ -14,7 +14,16 @@ import grpc
 
 from agentmesh.agent.v1 import agent_pb2
 from agentmesh.client._base import (
-    CallInfo, CallSettings, IngestProgress, Stubs, fact_input, llm_request, new_request_id, run_event,
+    CallInfo,
+    CallSettings,
+    IngestProgress,
+    Stubs,
+    execute_tool_request,
+    fact_input,
+    llm_request,
+    new_request_id,
+    recall_request,
+    run_event,
 )
 from agentmesh.client.config import CallKind, ClientConfig
 from agentmesh.client.errors import UnavailableError, error_from_rpc
@@ -283,11 +292,7 @@ class Facts(_Resource):
         """The user's facts most related to ``query``, best first: cosine ``similarity`` blended
         with ``recency`` by ``recency_weight`` into ``score`` (unset fields: the service's
         defaults; ``top_k`` 0 = 5)."""
-        request = memory_pb2.RecallFactsRequest(user_id=user_id, query=query, top_k=top_k)
-        for field, value in (("min_similarity", min_similarity), ("recency_weight", recency_weight),
-                             ("min_score", min_score)):
-            if value is not None:
-                setattr(request, field, value)
+        request = recall_request(user_id, query, top_k, min_similarity, recency_weight, min_score)
         return list(self._unary(self._stubs.memory.RecallFacts, request, timeout).facts)
 
     def delete(self, user_id: str, fact_ids: Sequence[str], *, timeout: float | None = None) -> int:
@@ -327,9 +332,7 @@ class Tools(_Resource):
         the first result without running again, and :meth:`cancel` can stop it. Raises
         NotFoundError (unknown tool), InvalidArgumentError (arguments), ResourceExhaustedError
         (the tool's concurrency limit), DeadlineExceededError."""
-        request = tools_pb2.ExecuteToolRequest(name=name, idempotency_key=idempotency_key, session_id=session_id,
-                                               user_id=user_id)
-        request.arguments.update(dict(arguments or {}))
+        request = execute_tool_request(name, arguments, idempotency_key, session_id, user_id)
         call, info = self._stream(self._stubs.tools.ExecuteTool, request, timeout, "tool")
         return Stream(call, info)
 
