@@ -100,10 +100,13 @@ async def test_a_probe_whose_replica_vanished_is_taken_over_after_its_lease(repl
     for _ in range(2):
         await one.report(True, False)
     await asyncio.sleep(RULES.open_s + 0.05)
-    probe = await one.acquire(lease_s=0.3)  # replica one then "dies": no verdict, no release
+    # The lease is long enough that a stalled CI machine cannot let it run out before `two` asks.
+    lease_s = 2.0
+    leased_at = asyncio.get_running_loop().time()
+    probe = await one.acquire(lease_s=lease_s)  # replica one then "dies": no verdict, no release
     assert isinstance(probe, str)
     assert await two.acquire() is False
-    await asyncio.sleep(0.35)
+    await asyncio.sleep(leased_at + lease_s + 0.05 - asyncio.get_running_loop().time())
     assert isinstance(await two.acquire(), str)
 
 
