@@ -118,6 +118,8 @@ class RunStore:
         self._start = self.redis.register_script(_START)
         self._renew = self.redis.register_script(_RENEW)
         self._release = self.redis.register_script(_RELEASE)
+        #: Background retention passes in flight, by tenant index key.
+        self._pruning: dict[str, asyncio.Task] = {}
 
     def keys(self, tenant: str, run_id: str) -> RunKeys:
         return RunKeys(self.prefix, tenant, run_id)
@@ -129,6 +131,9 @@ class RunStore:
             return False
 
     async def close(self) -> None:
+        for task in list(self._pruning.values()):
+            task.cancel()
+        await asyncio.gather(*self._pruning.values(), return_exceptions=True)
         await self.redis.aclose()
 
     # -- state and events ------------------------------------------------------------------
@@ -254,33 +259,47 @@ class RunStore:
 
         try:
             started, _, _, count = await self._pipeline(build, self._start)
-            if count > self.max_runs:
-                await self._prune(state.tenant, keys.index, count - self.max_runs)
         except (RedisError, OSError) as exc:
             raise store_unavailable(exc) from exc
+        if count > self.max_runs and keys.index not in self._pruning:
+            # Off the run's path (it would add three round trips before its first token); one
+            # pass per tenant at a time, which removes the excess of every run started meanwhile.
+            task = asyncio.ensure_future(self._prune(state.tenant, keys.index))
+            self._pruning[keys.index] = task
+            task.add_done_callback(lambda _: self._pruning.pop(keys.index, None))
         return bool(started)
 
     # -- retention -------------------------------------------------------------------------
 
-    async def _prune(self, tenant: str, index: str, excess: int) -> None:
-        # Look a little further than the excess: some of the oldest may still run or be paused.
-        oldest = await self.redis.zrange(index, 0, min(excess + 32, 512) - 1)
-        removed = 0
-        for raw_id in oldest:
-            if removed >= excess:
-                break
-            run_id = raw_id.decode()
-            old = self.keys(tenant, run_id)
-            raw = await self.redis.get(old.state)
-            if raw is not None and RunState.model_validate_json(raw).phase != "finished":
-                continue
-            async with self.redis.pipeline(transaction=False) as pipe:  # two hash slots: no MULTI
-                pipe.delete(old.state, old.events, old.cancel)
-                pipe.zrem(index, run_id)
+    async def _prune(self, tenant: str, index: str) -> None:
+        """Delete the tenant's oldest finished runs beyond ``max_runs`` (three round trips)."""
+        try:
+            excess = await self.redis.zcard(index) - self.max_runs
+            if excess <= 0:
+                return
+            # Look a little further than the excess: some of the oldest may still run or be paused.
+            oldest = [raw.decode() for raw in await self.redis.zrange(index, 0, min(excess + 32, 512) - 1)]
+            async with self.redis.pipeline(transaction=False) as pipe:  # many hash slots: no MULTI
+                for run_id in oldest:
+                    pipe.get(self.keys(tenant, run_id).state)
+                states = await pipe.execute()
+            doomed = [
+                run_id for run_id, raw in zip(oldest, states, strict=True)
+                if raw is None or RunState.model_validate_json(raw).phase == "finished"
+            ][:excess]
+            if not doomed:
+                return
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for run_id in doomed:
+                    old = self.keys(tenant, run_id)
+                    pipe.delete(old.state, old.events, old.cancel)
+                pipe.zrem(index, *doomed)
                 await pipe.execute()
-            removed += 1
-        if removed:
-            log.info("pruned old runs", extra={"fields": {"tenant": tenant, "runs": removed}})
+        except (RedisError, OSError) as exc:
+            log.warning("could not prune old runs; the next run's start tries again",
+                        extra={"fields": {"tenant": tenant, "error": str(exc)}})
+            return
+        log.info("pruned old runs", extra={"fields": {"tenant": tenant, "runs": len(doomed)}})
 
 
 def _seq(entry_id: bytes) -> int:
