@@ -18,6 +18,7 @@ from agentmesh.client._base import IngestProgress, Stubs
 from agentmesh.client.aio import AsyncClient
 from agentmesh.client.config import IDEMPOTENT_METHODS, ClientConfig, RetryPolicy, Timeouts
 from agentmesh.client.errors import (
+    AbortedError,
     AgentMeshError,
     AlreadyExistsError,
     CancelledError,
@@ -40,6 +41,7 @@ from agentmesh.client.sync import Client
 
 __all__ = [
     "IDEMPOTENT_METHODS",
+    "AbortedError",
     "AgentMeshError",
     "AlreadyExistsError",
     "AsyncClient",

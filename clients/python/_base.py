@@ -104,6 +104,18 @@ def execute_tool_request(
     return request
 
 
+def retention_request(
+    session_id: str, ttl_s: int | None, keep_last_messages: int | None, user_id: str
+) -> memory_pb2.SetRetentionRequest:
+    """A SetRetentionRequest; a bound left unset (kept as it is) when None."""
+    request = memory_pb2.SetRetentionRequest(session_id=session_id, user_id=user_id)
+    if ttl_s is not None:
+        request.ttl_s = ttl_s
+    if keep_last_messages is not None:
+        request.keep_last_messages = keep_last_messages
+    return request
+
+
 def run_event(item: Any) -> agent_pb2.RunResponse:
     # ResumeRunResponse / ResolveInterruptResponse wrap the run's own event.
     return item.event

@@ -25,6 +25,7 @@ from agentmesh.client._base import (
     llm_request,
     new_request_id,
     recall_request,
+    retention_request,
     run_event,
 )
 from agentmesh.client.config import CallKind, ClientConfig
@@ -203,6 +204,33 @@ class AsyncSessions(_AsyncResource):
         request = memory_pb2.DeleteSessionRequest(session_id=session_id, user_id=user_id, keep_facts=keep_facts)
         return await self._unary(self._stubs.memory.DeleteSession, request, timeout)
 
+    async def set_pinned(
+        self, session_id: str, messages: Sequence[common_pb2.Message], *, user_id: str = "", timeout: float | None = None
+    ) -> memory_pb2.SetPinnedMessagesResponse:
+        """Replace the session's pinned messages (see ``Sessions.set_pinned``)."""
+        request = memory_pb2.SetPinnedMessagesRequest(session_id=session_id, user_id=user_id, messages=list(messages))
+        return await self._unary(self._stubs.memory.SetPinnedMessages, request, timeout)
+
+    async def compact(
+        self, session_id: str, *, user_id: str = "", timeout: float | None = None
+    ) -> memory_pb2.CompactSessionResponse:
+        """Fold older messages into the summary now (see ``Sessions.compact``)."""
+        request = memory_pb2.CompactSessionRequest(session_id=session_id, user_id=user_id)
+        return await self._unary(self._stubs.memory.CompactSession, request, timeout, "generate")
+
+    async def set_retention(
+        self,
+        session_id: str,
+        *,
+        ttl_s: int | None = None,
+        keep_last_messages: int | None = None,
+        user_id: str = "",
+        timeout: float | None = None,
+    ) -> memory_pb2.SetRetentionResponse:
+        """Set the session's time to live and message bound (see ``Sessions.set_retention``)."""
+        request = retention_request(session_id, ttl_s, keep_last_messages, user_id)
+        return await self._unary(self._stubs.memory.SetRetention, request, timeout)
+
 
 class AsyncFacts(_AsyncResource):
     """Long-term memory of a user; see :class:`agentmesh.client.sync.Facts`."""
@@ -332,6 +360,41 @@ class AsyncDocuments(_AsyncResource):
             request.dense_weight = dense_weight
         return await self._unary(self._stubs.retrieval.Search, request, timeout)
 
+    async def delete(
+        self,
+        document_ids: Sequence[str] = (),
+        *,
+        collection: str = "",
+        filters: Sequence[retrieval_pb2.FilterCondition] = (),
+        timeout: float | None = None,
+    ) -> retrieval_pb2.DeleteDocumentsResponse:
+        """Delete documents by id and/or filters (see ``Documents.delete``)."""
+        request = retrieval_pb2.DeleteDocumentsRequest(
+            collection=collection, document_ids=list(document_ids), filters=list(filters)
+        )
+        return await self._unary(self._stubs.retrieval.DeleteDocuments, request, timeout)
+
+    async def create_collection(
+        self, collection: str, *, chunking: retrieval_pb2.ChunkingConfig | None = None, timeout: float | None = None
+    ) -> retrieval_pb2.CreateCollectionResponse:
+        """Create a collection (see ``Documents.create_collection``)."""
+        request = retrieval_pb2.CreateCollectionRequest(collection=collection, chunking=chunking)
+        return await self._unary(self._stubs.retrieval.CreateCollection, request, timeout)
+
+    async def describe_collection(
+        self, collection: str = "", *, timeout: float | None = None
+    ) -> retrieval_pb2.CollectionInfo:
+        """A collection's settings and counts (see ``Documents.describe_collection``)."""
+        request = retrieval_pb2.DescribeCollectionRequest(collection=collection)
+        return (await self._unary(self._stubs.retrieval.DescribeCollection, request, timeout)).collection
+
+    async def drop_collection(
+        self, collection: str, *, timeout: float | None = None
+    ) -> retrieval_pb2.DropCollectionResponse:
+        """Delete the tenant's documents of a collection (see ``Documents.drop_collection``)."""
+        request = retrieval_pb2.DropCollectionRequest(collection=collection)
+        return await self._unary(self._stubs.retrieval.DropCollection, request, timeout)
+
 
 class AsyncLLM(_AsyncResource):
     """LLM completions; see :class:`agentmesh.client.sync.LLM`."""
@@ -372,6 +435,30 @@ class AsyncLLM(_AsyncResource):
             llm_pb2.GenerateRequest, messages, model, tools, context, max_tokens, temperature, routing
         )
         return await self._unary(self._stubs.llm.Generate, request, timeout, "generate")
+
+    async def count_tokens(
+        self,
+        messages: Sequence[common_pb2.Message],
+        *,
+        model: str = "",
+        tools: Sequence[common_pb2.ToolDefinition] = (),
+        context: Sequence[common_pb2.Chunk] = (),
+        deployment: str = "",
+        timeout: float | None = None,
+    ) -> llm_pb2.CountTokensResponse:
+        """Input tokens the request would use (see ``LLM.count_tokens``)."""
+        request = llm_pb2.CountTokensRequest(
+            model=model, messages=list(messages), tools=list(tools), context=list(context), deployment=deployment
+        )
+        return await self._unary(self._stubs.llm.CountTokens, request, timeout)
+
+    async def list_models(self, *, timeout: float | None = None) -> list[llm_pb2.Model]:
+        """The model aliases and their deployments (see ``LLM.list_models``)."""
+        return list((await self._unary(self._stubs.llm.ListModels, llm_pb2.ListModelsRequest(), timeout)).models)
+
+    async def spend(self, *, timeout: float | None = None) -> list[llm_pb2.Spend]:
+        """The caller's spend in the current budget period (see ``LLM.spend``)."""
+        return list((await self._unary(self._stubs.llm.GetSpend, llm_pb2.GetSpendRequest(), timeout)).spends)
 
 
 class AsyncClient:

@@ -92,6 +92,11 @@ class FailedPreconditionError(AgentMeshError):
     an idempotency key reused with other content, a session not at ``min_version``)."""
 
 
+class AbortedError(AgentMeshError):
+    """ABORTED: the call lost a race (another compaction of the session is running, a run id
+    collided); calling again is safe."""
+
+
 class OutOfRangeError(AgentMeshError):
     """OUT_OF_RANGE: e.g. resuming a run after events that are no longer stored."""
 
@@ -130,6 +135,7 @@ _BY_CODE: dict[grpc.StatusCode, type[AgentMeshError]] = {
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.ABORTED: AbortedError,
     grpc.StatusCode.OUT_OF_RANGE: OutOfRangeError,
     grpc.StatusCode.UNIMPLEMENTED: UnimplementedError,
     grpc.StatusCode.INTERNAL: InternalError,

@@ -23,6 +23,7 @@ from agentmesh.client._base import (
     llm_request,
     new_request_id,
     recall_request,
+    retention_request,
     run_event,
 )
 from agentmesh.client.config import CallKind, ClientConfig
@@ -262,6 +263,44 @@ class Sessions(_Resource):
         request = memory_pb2.DeleteSessionRequest(session_id=session_id, user_id=user_id, keep_facts=keep_facts)
         return self._unary(self._stubs.memory.DeleteSession, request, timeout)
 
+    def set_pinned(
+        self, session_id: str, messages: Sequence[common_pb2.Message], *, user_id: str = "", timeout: float | None = None
+    ) -> memory_pb2.SetPinnedMessagesResponse:
+        """Replace the session's pinned messages (system role; an empty list unpins all): they
+        come first in every :meth:`context` and are never summarized or trimmed. Returns
+        ``pinned_tokens``, what they take from every context budget. Raises InvalidArgumentError
+        (a role other than system, or pinned messages over the service's token limit)."""
+        request = memory_pb2.SetPinnedMessagesRequest(session_id=session_id, user_id=user_id, messages=list(messages))
+        return self._unary(self._stubs.memory.SetPinnedMessages, request, timeout)
+
+    def compact(
+        self, session_id: str, *, user_id: str = "", timeout: float | None = None
+    ) -> memory_pb2.CompactSessionResponse:
+        """Fold older messages into the running summary now, through the LLM router (the stored
+        messages are kept; the newest ~1,000 tokens stay out of the summary). ``compacted`` is
+        False when the session is empty or nothing was old enough. Deadline of kind ``generate``
+        (model calls). Raises AbortedError (another compaction of the session is running),
+        UnavailableError (Redis or the router failed; what was summarized before stays)."""
+        request = memory_pb2.CompactSessionRequest(session_id=session_id, user_id=user_id)
+        return self._unary(self._stubs.memory.CompactSession, request, timeout, "generate")
+
+    def set_retention(
+        self,
+        session_id: str,
+        *,
+        ttl_s: int | None = None,
+        keep_last_messages: int | None = None,
+        user_id: str = "",
+        timeout: float | None = None,
+    ) -> memory_pb2.SetRetentionResponse:
+        """Set how long the session lives after its last write (``ttl_s``, seconds; 0 = for
+        ever) and how many of its newest messages it keeps (``keep_last_messages``; 0 = all);
+        None leaves a bound as it is. Returns the retention in force and ``messages_deleted``
+        (older messages deleted at once, summarized or not). Behind an authenticating gateway it
+        needs the ``admin`` role (PermissionDeniedError)."""
+        request = retention_request(session_id, ttl_s, keep_last_messages, user_id)
+        return self._unary(self._stubs.memory.SetRetention, request, timeout)
+
 
 class Facts(_Resource):
     """Long-term memory of a user: facts and preferences stored with embeddings
@@ -420,6 +459,44 @@ class Documents(_Resource):
             request.dense_weight = dense_weight
         return self._unary(self._stubs.retrieval.Search, request, timeout)
 
+    def delete(
+        self,
+        document_ids: Sequence[str] = (),
+        *,
+        collection: str = "",
+        filters: Sequence[retrieval_pb2.FilterCondition] = (),
+        timeout: float | None = None,
+    ) -> retrieval_pb2.DeleteDocumentsResponse:
+        """Delete documents (all their chunks) chosen by id and/or by ``filters``; returns
+        ``documents_deleted`` and ``chunks_deleted``. Raises InvalidArgumentError (neither ids
+        nor filters), NotFoundError (unknown collection), PermissionDeniedError (no ``admin``)."""
+        request = retrieval_pb2.DeleteDocumentsRequest(
+            collection=collection, document_ids=list(document_ids), filters=list(filters)
+        )
+        return self._unary(self._stubs.retrieval.DeleteDocuments, request, timeout)
+
+    def create_collection(
+        self, collection: str, *, chunking: retrieval_pb2.ChunkingConfig | None = None, timeout: float | None = None
+    ) -> retrieval_pb2.CreateCollectionResponse:
+        """Create a collection with its own chunking settings (None = service defaults).
+        Creating it again with the same settings returns ``created`` False; other settings raise
+        AlreadyExistsError. Needs the ``admin`` role behind an authenticating gateway."""
+        request = retrieval_pb2.CreateCollectionRequest(collection=collection, chunking=chunking)
+        return self._unary(self._stubs.retrieval.CreateCollection, request, timeout)
+
+    def describe_collection(self, collection: str = "", *, timeout: float | None = None) -> retrieval_pb2.CollectionInfo:
+        """A collection's settings and the caller's tenant's document and chunk counts in it.
+        Raises NotFoundError. Idempotent: retried on UNAVAILABLE."""
+        request = retrieval_pb2.DescribeCollectionRequest(collection=collection)
+        return self._unary(self._stubs.retrieval.DescribeCollection, request, timeout).collection
+
+    def drop_collection(self, collection: str, *, timeout: float | None = None) -> retrieval_pb2.DropCollectionResponse:
+        """Delete every document of the caller's tenant in ``collection``; the collection itself
+        goes once no tenant has chunks in it (``collection_removed``). Raises NotFoundError,
+        PermissionDeniedError (no ``admin`` role)."""
+        request = retrieval_pb2.DropCollectionRequest(collection=collection)
+        return self._unary(self._stubs.retrieval.DropCollection, request, timeout)
+
 
 class LLM(_Resource):
     """Direct LLM completions through the router (``agentmesh.llm.v1.LLMService``), without an agent."""
@@ -466,6 +543,36 @@ class LLM(_Resource):
             llm_pb2.GenerateRequest, messages, model, tools, context, max_tokens, temperature, routing
         )
         return self._unary(self._stubs.llm.Generate, request, timeout, "generate")
+
+    def count_tokens(
+        self,
+        messages: Sequence[common_pb2.Message],
+        *,
+        model: str = "",
+        tools: Sequence[common_pb2.ToolDefinition] = (),
+        context: Sequence[common_pb2.Chunk] = (),
+        deployment: str = "",
+        timeout: float | None = None,
+    ) -> llm_pb2.CountTokensResponse:
+        """Input tokens the request would use on the deployment it would be routed to first (or
+        ``deployment``): exact with tiktoken for OpenAI-family models without tools,
+        ``approximate`` otherwise; also the tokenizer and the context window. Raises
+        InvalidArgumentError, NotFoundError (unknown model or deployment)."""
+        request = llm_pb2.CountTokensRequest(
+            model=model, messages=list(messages), tools=list(tools), context=list(context), deployment=deployment
+        )
+        return self._unary(self._stubs.llm.CountTokens, request, timeout)
+
+    def list_models(self, *, timeout: float | None = None) -> list[llm_pb2.Model]:
+        """The model aliases with their deployments, routing strategy, fallbacks, limits, prices
+        and circuit-breaker state."""
+        return list(self._unary(self._stubs.llm.ListModels, llm_pb2.ListModelsRequest(), timeout).models)
+
+    def spend(self, *, timeout: float | None = None) -> list[llm_pb2.Spend]:
+        """The caller's spend in USD in the current budget period: its tenant first, then its API
+        key when the gateway identified one; each with its budget (0 = none) and ``held_usd``,
+        the worst-case cost of calls in flight."""
+        return list(self._unary(self._stubs.llm.GetSpend, llm_pb2.GetSpendRequest(), timeout).spends)
 
 
 class Client:

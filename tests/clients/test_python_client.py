@@ -24,6 +24,7 @@ from grpc_status import rpc_status
 from agentmesh.agent.v1 import agent_pb2, agent_pb2_grpc
 from agentmesh.client import (
     AgentMeshError,
+    AlreadyExistsError,
     AsyncClient,
     Client,
     ClientConfig,
@@ -54,12 +55,21 @@ def assistant(text: str) -> common_pb2.Message:
     return common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=text)
 
 
+def system(text: str) -> common_pb2.Message:
+    return common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content=text)
+
+
 # ----------------------------------------------------------------------------- the real mesh
 
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
-    env = {"AGENTMESH_LLM_PROVIDER": "extractive", "OPENAI_API_KEY": "", "ANTHROPIC_API_KEY": ""}
+    env = {
+        "AGENTMESH_LLM_PROVIDER": "extractive", "OPENAI_API_KEY": "", "ANTHROPIC_API_KEY": "",
+        # Collection management is an admin route (5 calls/s by default); these tests call it in
+        # bursts, and the limit itself is tested in tests/gateway.
+        "AGENTMESH_GATEWAY_RATE_LIMIT_ADMIN_RPS": "100",
+    }
     with local_mesh(tmp_path_factory.mktemp("mesh"), env) as m:
         yield m
 
@@ -226,6 +236,94 @@ def test_sync_session_read_your_writes(mesh, config):
             client.sessions.context(session, min_version=written.version + 5, timeout=5)
         assert client.sessions.get(session).version == 2
         assert client.sessions.delete(session).existed
+
+
+@pytest.mark.timeout(120)
+async def test_session_pinned_messages_compaction_and_retention(mesh, config):
+    session = f"py-session-admin-{time.time_ns()}"
+    async with AsyncClient(config) as client:
+        pinned = await client.sessions.set_pinned(session, [system("Answer in French.")])
+        assert pinned.pinned_tokens > 0
+        with pytest.raises(InvalidArgumentError, match="ROLE_SYSTEM"):
+            await client.sessions.set_pinned(session, [user("Pin me.")])
+        # Twelve messages of ~130 tokens: more than the ~1,000 newest tokens compaction leaves out.
+        filler = " ".join(f"detail{i}" for i in range(60))
+        written = await client.sessions.append(session, [user(f"Note {i}: {filler}") for i in range(12)])
+        compacted = await client.sessions.compact(session)
+        assert compacted.compacted and 0 < compacted.messages_summarized < 12
+        assert compacted.summary.through_sequence == compacted.messages_summarized and compacted.summary.text
+        context = await client.sessions.context(session, min_version=written.version)
+        assert context.pinned_messages == 1 and context.messages[0].content == "Answer in French."
+        assert context.summary_included and context.summary_through_sequence == compacted.messages_summarized
+
+        retention = await client.sessions.set_retention(session, ttl_s=600, keep_last_messages=3)
+        assert (retention.ttl_s, retention.keep_last_messages, retention.messages_deleted) == (600, 3, 9)
+        # An unset bound is left as it is.
+        again = await client.sessions.set_retention(session, ttl_s=900)
+        assert (again.ttl_s, again.keep_last_messages, again.messages_deleted) == (900, 3, 0)
+        described = await client.sessions.get(session)
+        assert (described.first_sequence, described.messages_stored, described.ttl_s) == (10, 3, 900)
+        assert 0 < described.expires_in_ms <= 900_000 and [m.content for m in described.pinned] == ["Answer in French."]
+    with Client(config) as client:
+        assert not client.sessions.compact(f"py-nothing-{time.time_ns()}").compacted
+        assert client.sessions.set_pinned(session, []).pinned_tokens == 0
+        assert not client.sessions.get(session).pinned
+        assert client.sessions.set_retention(session, keep_last_messages=0).keep_last_messages == 0
+        assert client.sessions.delete(session).existed
+
+
+@pytest.mark.timeout(300)
+def test_collections_create_describe_delete_documents_and_drop(ingested, config):
+    collection = f"py_client_{time.time_ns()}"
+    chunking = retrieval_pb2.ChunkingConfig(chunk_tokens=128, overlap_tokens=16)
+    documents = [
+        retrieval_pb2.Document(id=f"note-{i}", title=f"Note {i}", text=f"Note {i} is about the {topic} module.")
+        for i, topic in enumerate(("json", "csv", "heapq"))
+    ]
+    with Client(config) as client:
+        created = client.documents.create_collection(collection, chunking=chunking)
+        assert created.created and created.collection.chunking.chunk_tokens == 128
+        assert not client.documents.create_collection(collection, chunking=chunking).created
+        with pytest.raises(AlreadyExistsError):
+            client.documents.create_collection(collection, chunking=retrieval_pb2.ChunkingConfig(chunk_tokens=64))
+        client.documents.ingest(documents, collection=collection)
+        info = client.documents.describe_collection(collection)
+        assert (info.name, info.documents, info.chunks) == (collection, 3, 3) and info.embedding_dimension > 0
+        assert client.documents.describe_collection().documents == len(ingested[0])  # the default collection
+
+        with pytest.raises(InvalidArgumentError, match="DropCollection"):
+            client.documents.delete(collection=collection)
+        deleted = client.documents.delete(["note-0", "no-such-note"], collection=collection)
+        assert (deleted.documents_deleted, deleted.chunks_deleted) == (1, 1)
+        assert client.documents.describe_collection(collection).documents == 2
+
+    async def drop() -> retrieval_pb2.DropCollectionResponse:
+        async with AsyncClient(config) as client:
+            return await client.documents.drop_collection(collection)
+
+    dropped = asyncio.run(drop())
+    assert (dropped.documents_deleted, dropped.chunks_deleted, dropped.collection_removed) == (2, 2, True)
+    with Client(config) as client, pytest.raises(NotFoundError):
+        client.documents.describe_collection(collection)
+
+
+@pytest.mark.timeout(120)
+async def test_llm_token_count_models_and_spend(mesh, config):
+    async with AsyncClient(config) as client:
+        counted = await client.llm.count_tokens([user("How do I parse JSON?")])
+        assert counted.input_tokens > 0 and counted.tokenizer and counted.deployment
+        longer = await client.llm.count_tokens([user("How do I parse JSON? " * 20)])
+        assert longer.input_tokens > counted.input_tokens
+        models = await client.llm.list_models()
+        assert models and any(m.is_default for m in models) and all(m.deployments for m in models)
+        spends = await client.llm.spend()
+        assert spends[0].scope == "tenant" and spends[0].id == TENANT and spends[0].spent_usd >= 0
+        with pytest.raises(NotFoundError):
+            await client.llm.count_tokens([user("Hi.")], model="no-such-model")
+    with Client(config) as client:
+        assert client.llm.count_tokens([user("How do I parse JSON?")]).input_tokens == counted.input_tokens
+        assert [m.name for m in client.llm.list_models()] == [m.name for m in models]
+        assert client.llm.spend()[0].id == TENANT
 
 
 @pytest.mark.timeout(120)
