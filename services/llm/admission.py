@@ -75,27 +75,9 @@ HOLD_RETRY_S = 1.0
 # Violation flavours in a script reply.
 _RETRY, _NEVER_RETRY, _TOO_LARGE = 0, 1, 2
 
-# KEYS per scope (8): rpm log, tpm log, tpm amounts, tpm sum, spend, hold log, hold amounts, hold sum.
-# ARGV: window_ms, reservation id, scope count, hold lifetime ms, hold retry ms, then per scope (7):
-# rpm, tpm, tokens, budget_usd, ms until the budget period ends (-1: never), hold (nano-USD),
-# optional (0/1).
-# Reply: {1} all admitted; {2, violations...} required scopes admitted, optional ones refused;
-# {0, violations...} nothing admitted. A violation is 6 items: scope index, limit, wait ms,
-# flavour (0 retry after wait, 1 no retry helps, 2 the request alone exceeds the limit),
-# spend of the period (USD, text), nano-USD held by other calls.
-ADMIT_LUA = """
-local window = tonumber(ARGV[1])
-local id = ARGV[2]
-local n = tonumber(ARGV[3])
-local hold_ttl = tonumber(ARGV[4])
-local hold_retry = tonumber(ARGV[5])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local horizon = now - window
-local out = {}
-local required_refused, optional_refused = false, false
-local admitted, new_rpm, new_tpm, extra = {}, {}, {}, {}
-
+# Drops the entries of a log (sorted set: id -> expiry or time) scored up to ``upto`` with their
+# amounts (hash: id -> amount), and takes those amounts off the running sum.
+_EXPIRE_LUA = """
 local function expire(log_key, amount_key, sum_key, upto)
   while true do
     local old = redis.call('ZRANGEBYSCORE', log_key, '-inf', upto, 'LIMIT', 0, 500)
@@ -108,6 +90,29 @@ local function expire(log_key, amount_key, sum_key, upto)
     if redis.call('DECRBY', sum_key, freed) < 0 then redis.call('SET', sum_key, 0) end
   end
 end
+"""
+
+# KEYS per scope (8): rpm log, tpm log, tpm amounts, tpm sum, spend, hold log, hold amounts, hold sum.
+# ARGV: window_ms, reservation id, scope count, hold lifetime ms, hold retry ms, then per scope (7):
+# rpm, tpm, tokens, budget_usd, ms until the budget period ends (-1: never), hold (nano-USD),
+# optional (0/1).
+# Reply: {1} all admitted; {2, violations...} required scopes admitted, optional ones refused;
+# {0, violations...} nothing admitted. A violation is 6 items: scope index, limit, wait ms,
+# flavour (0 retry after wait, 1 no retry helps, 2 the request alone exceeds the limit),
+# spend of the period (USD, text), nano-USD held by other calls.
+ADMIT_LUA = _EXPIRE_LUA + """
+local window = tonumber(ARGV[1])
+local id = ARGV[2]
+local n = tonumber(ARGV[3])
+local hold_ttl = tonumber(ARGV[4])
+local hold_retry = tonumber(ARGV[5])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local horizon = now - window
+local out = {}
+local required_refused, optional_refused = false, false
+local admitted, new_rpm, new_tpm, extra = {}, {}, {}, {}
+
 
 for i = 0, n - 1 do
   local k, a = i * 8, 5 + i * 7
@@ -258,6 +263,14 @@ end
 return 1
 """
 
+# KEYS: hold log, hold amounts, hold sum of one scope. Reply: nano-USD held by calls in flight,
+# after dropping the holds whose calls never settled (their router died) and have expired.
+HELD_LUA = _EXPIRE_LUA + """
+local t = redis.call('TIME')
+expire(KEYS[1], KEYS[2], KEYS[3], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+return tonumber(redis.call('GET', KEYS[3]) or '0')
+"""
+
 
 @dataclass(frozen=True)
 class Scope:
@@ -345,6 +358,7 @@ class Admission:
         self.prefix = prefix
         self._admit = client.register_script(ADMIT_LUA)
         self._settle = client.register_script(SETTLE_LUA)
+        self._held = client.register_script(HELD_LUA)
 
     def _key(self, scope: Scope, part: str) -> str:
         return f"{self.prefix}:{{adm}}:{scope.tag}:{part}"
@@ -438,9 +452,10 @@ class Admission:
         return float(value) if value is not None else 0.0
 
     async def held(self, scope: Scope) -> float:
-        """USD held by ``scope``'s calls in flight (worst cases not yet settled)."""
-        value = await self.redis.get(self._key(scope, "hold:sum"))
-        return int(value) / NANO_USD if value is not None else 0.0
+        """USD held by ``scope``'s calls in flight (worst cases not yet settled); holds of calls
+        that never settled are dropped once expired. Raises ``redis.RedisError``."""
+        keys = [self._key(scope, "hold"), self._key(scope, "hold:amount"), self._key(scope, "hold:sum")]
+        return int(await self._held(keys=keys)) / NANO_USD
 
 
 def _refusal(scopes: Sequence[Scope], items: Sequence[object], hold_usd: float, first: int) -> Refusal:

@@ -261,6 +261,25 @@ async def test_budget_holds_are_exact_and_optional_scopes_refuse_alone(redis_set
     await client.aclose()
 
 
+async def test_an_abandoned_hold_stops_counting_once_expired_without_another_admission(redis_settings):
+    """A router that dies mid-call never settles its hold: GetSpend's reading drops the hold once
+    its lifetime is over (not only the next admission of that scope)."""
+    client = aioredis.Redis.from_url(redis_settings["redis_url"])
+    admission = Admission(client, redis_settings["redis_prefix"])
+    tenant = Scope("tenant", "abandoned", LimitConfig(budget_usd=1.0, budget_period="day"))
+    kept = await admission.admit([tenant], 10, hold_usd=0.25)
+    dead = await admission.admit([tenant], 10, hold_usd=0.5)
+    assert await admission.held(tenant) == pytest.approx(0.75)
+    # The dead router's hold reaches the end of its lifetime (scores are expiry times in ms).
+    hold_log = admission._key(tenant, "hold")
+    assert await client.zadd(hold_log, {dead.reservation.id: 1}, xx=True, ch=True) == 1
+    assert await admission.held(tenant) == pytest.approx(0.25)
+    assert await client.hget(admission._key(tenant, "hold:amount"), dead.reservation.id) is None
+    await admission.settle(kept.reservation, 10, 0.1)
+    assert await admission.held(tenant) == 0.0 and await admission.spent(tenant) == pytest.approx(0.1)
+    await client.aclose()
+
+
 async def test_every_deployment_at_its_own_limit_is_resource_exhausted(tmp_path, fake, redis_settings):
     fake.enqueue({"text": "ok"})
     catalogue = {"models": {"chat": {"deployments": [openai_deployment("only", fake, rpm=1)]}}}
