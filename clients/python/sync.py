@@ -140,7 +140,8 @@ class Agent(_Resource):
         timeout: float | None = None,
     ) -> RunStream:
         """Approve or reject the tool calls a paused run waits for (one decision per pending call,
-        from ``stream.interrupt.approvals``) and stream the run on from there.
+        from ``stream.interrupt.approvals``) and stream the run on from there. A decision that
+        approves may set ``arguments`` (a Struct): the call runs with them instead of the model's.
 
         Raises (while iterating): NotFoundError, InvalidArgumentError (a decision missing,
         unknown or given twice), FailedPreconditionError (the run does not wait for this

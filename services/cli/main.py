@@ -417,7 +417,8 @@ class _RunPrinter:
             for line in _approval_lines(self.run_id, event.interrupt, self.tenant):
                 _info(line)
         elif kind == "interrupt_resolved":
-            verdicts = [f"{'approved' if d.approved else 'rejected'} {d.tool_call_id}" for d in event.interrupt_resolved.decisions]
+            verdicts = [f"{'approved' if d.approved else 'rejected'} {d.tool_call_id}"
+                        f"{' (edited)' if d.HasField('arguments') else ''}" for d in event.interrupt_resolved.decisions]
             self.side(f"resumed: {', '.join(verdicts)}")
         elif kind == "resumed":
             self.side(f"run taken over by {event.resumed.replica}: the step in progress runs again")
@@ -548,27 +549,32 @@ def runs_show(
             _info(line)
 
 
-def _decide(info: Any, named: list[str], others: list[str], approve: bool, reason: str) -> list[Any]:
+def _decide(info: Any, named: list[str], others: list[str], approve: bool, reason: str,
+            edits: dict[str, dict[str, Any]] | None = None) -> list[Any]:
     """One decision per pending call: ``named`` get this command's verdict, ``others`` the
-    opposite; without ``named`` every call not in ``others`` gets this command's verdict. Exits
-    with a message naming the pending calls when a name matches none, several, or a call is
-    left without a decision."""
+    opposite; without ``named`` every call not in ``others`` gets this command's verdict.
+    ``edits``: reviewer arguments of approved calls, by call spec. Exits with a message naming
+    the pending calls when a name matches none, several, or a call is left without a decision."""
     from agentmesh.agent.v1 import agent_pb2  # noqa: PLC0415
 
     approvals = list(info.interrupt.approvals)
     pending = ", ".join(f"{_call_spec(a, approvals)} ({a.tool_call.name})" for a in approvals)
+
+    def index_of(spec: str) -> int:
+        hits = [i for i, a in enumerate(approvals) if spec in (a.tool_call.id, f"{a.invocation_id}/{a.tool_call.id}")]
+        if not hits:
+            _fail(f"run {info.run_id} has no pending tool call {spec!r}; it waits for: {pending}", 2)
+        if len(hits) > 1:
+            _fail(f"{spec!r} names a pending call of several agents; use INVOCATION/CALL_ID: {pending}", 2)
+        return hits[0]
+
     verdicts: dict[int, bool] = {}
     for specs, verdict in ((named, approve), (others, not approve)):
         for spec in specs:
-            hits = [i for i, a in enumerate(approvals)
-                    if spec in (a.tool_call.id, f"{a.invocation_id}/{a.tool_call.id}")]
-            if not hits:
-                _fail(f"run {info.run_id} has no pending tool call {spec!r}; it waits for: {pending}", 2)
-            if len(hits) > 1:
-                _fail(f"{spec!r} names a pending call of several agents; use INVOCATION/CALL_ID: {pending}", 2)
-            if hits[0] in verdicts:
+            index = index_of(spec)
+            if index in verdicts:
                 _fail(f"tool call {spec!r} is named twice", 2)
-            verdicts[hits[0]] = verdict
+            verdicts[index] = verdict
     missing = [i for i in range(len(approvals)) if i not in verdicts]
     if missing and named:
         names = " ".join(_call_spec(approvals[i], approvals) for i in missing)
@@ -579,17 +585,44 @@ def _decide(info: Any, named: list[str], others: list[str], approve: bool, reaso
         )
     for i in missing:
         verdicts[i] = approve
+    edited = {index_of(spec): arguments for spec, arguments in (edits or {}).items()}
+    for i in edited:
+        if not verdicts[i]:
+            _fail(f"tool call {_call_spec(approvals[i], approvals)} is rejected: --edit goes only with an approval", 2)
     decisions = []
     for i, a in enumerate(approvals):
-        decisions.append(agent_pb2.ToolCallDecision(
+        decision = agent_pb2.ToolCallDecision(
             tool_call_id=a.tool_call.id, invocation_id=a.invocation_id, approved=verdicts[i],
             reason="" if verdicts[i] else reason,
-        ))
+        )
+        if i in edited:
+            decision.arguments.update(edited[i])
+        decisions.append(decision)
     return decisions
 
 
+def _edits(values: list[str]) -> dict[str, dict[str, Any]]:
+    """``CALL=JSON`` options as {call spec: arguments object}; exits 2 on a malformed one."""
+    out: dict[str, dict[str, Any]] = {}
+    for value in values:
+        spec, sep, text = value.partition("=")
+        if not sep or not spec:
+            _fail(f"--edit {value!r}: use CALL_ID='{{\"name\": \"value\"}}' (the call's new JSON arguments)", 2)
+        try:
+            arguments = json.loads(text)
+        except json.JSONDecodeError as exc:
+            _fail(f"--edit {spec}: the arguments are not JSON ({exc})", 2)
+        if not isinstance(arguments, dict):
+            _fail(f"--edit {spec}: the arguments must be a JSON object, not {type(arguments).__name__}", 2)
+        if spec in out:
+            _fail(f"--edit {spec} is given twice", 2)
+        out[spec] = arguments
+    return out
+
+
 def _resolve(run_id: str, named: list[str], others: list[str], approve: bool, reason: str,
-             gateway: str | None, tenant: str | None, timeout_s: float) -> None:
+             gateway: str | None, tenant: str | None, timeout_s: float,
+             edits: dict[str, dict[str, Any]] | None = None) -> None:
     from agentmesh.agent.v1 import agent_pb2  # noqa: PLC0415
 
     config = _client_config(_gateway_address(gateway), tenant)
@@ -603,7 +636,7 @@ def _resolve(run_id: str, named: list[str], others: list[str], approve: bool, re
                 status = agent_pb2.RunStatus.Name(info.status).removeprefix("RUN_STATUS_")
                 _fail(f"run {run_id} is {phase}" + (f" ({status})" if info.status else "") +
                       ": it waits for no decision")
-            decisions = _decide(info, named, others, approve, reason)
+            decisions = _decide(info, named, others, approve, reason, edits)
             stream = client.agent.resolve_interrupt(run_id, info.interrupt.interrupt_id, decisions, timeout=timeout_s)
             async for event in stream:
                 printer.event(event)
@@ -633,6 +666,10 @@ def runs_approve(
     run_id: str = RUN_ID_ARGUMENT,
     calls: list[str] | None = CALLS_ARGUMENT,
     reject: list[str] | None = typer.Option(None, "--reject", help="A pending call to reject instead (repeatable)."),
+    edit: list[str] | None = typer.Option(
+        None, "--edit", metavar="CALL=JSON",
+        help="Run an approved call with these JSON arguments instead of the model's (repeatable).",
+    ),
     reason: str = REASON_OPTION,
     gateway: str | None = GATEWAY_OPTION,
     tenant: str | None = TENANT_OPTION,
@@ -641,8 +678,10 @@ def runs_approve(
     """Approve tool calls a paused run waits for, and follow the run.
 
     AgentService.ResolveInterrupt; the run is printed from there on as chat does. Every pending
-    call needs a decision: name them all, or none (= all), and reject some with --reject."""
-    _resolve(run_id, list(calls or []), list(reject or []), True, reason, gateway, tenant, timeout)
+    call needs a decision: name them all, or none (= all), and reject some with --reject. With
+    --edit an approved call runs with the reviewer's arguments, and the model reads it so."""
+    _resolve(run_id, list(calls or []), list(reject or []), True, reason, gateway, tenant, timeout,
+             _edits(list(edit or [])))
 
 
 @runs_app.command("reject")

@@ -84,6 +84,8 @@ COMPLETED, MAX_STEPS, BUDGET = (
 _REMEMBERED = {COMPLETED, MAX_STEPS, BUDGET}
 #: Longest rejection reason kept, in characters.
 MAX_REASON_CHARS = 1000
+#: Largest reviewer-edited arguments of an approved tool call, serialized, in bytes.
+MAX_EDITED_ARGUMENTS_BYTES = 64 * 1024
 #: Longest wait for the tool service to confirm it stops a cancelled run's tool calls, in seconds.
 CANCEL_TOOLS_TIMEOUT_S = 2.0
 #: How recalled facts are introduced to the model (a system message after the instructions).
@@ -646,6 +648,8 @@ class RunExecution:
                         ),
                     )
                     continue
+                if decision.arguments is not None:
+                    call = self._edit_call(inv, call, decision.arguments)
             runnable.append(call)
         if runnable:
             for call in runnable:
@@ -668,6 +672,27 @@ class RunExecution:
             if PAUSED in outcomes:
                 return PAUSED
         return PAUSED if waiting else DONE
+
+    def _edit_call(self, inv: Invocation, call: common_pb2.ToolCall, arguments: bytes) -> common_pb2.ToolCall:
+        """``call`` with a reviewer's ``arguments`` (a serialized Struct), also in the step's
+        pending calls and in the assistant message that asked for it, so the model reads the call
+        that ran. Applying it again (a take-over repeats the step) changes nothing."""
+        edited = common_pb2.ToolCall()
+        edited.CopyFrom(call)
+        edited.arguments.Clear()
+        edited.arguments.MergeFromString(arguments)
+        inv.calls = [
+            edited.SerializeToString() if common_pb2.ToolCall.FromString(raw).id == call.id else raw for raw in inv.calls
+        ]
+        conversation = self._conversation(inv)
+        for index in range(len(conversation) - 1, -1, -1):
+            message = conversation[index]
+            asked = [c for c in message.tool_calls if c.id == call.id]
+            if message.role == common_pb2.ROLE_ASSISTANT and asked:
+                asked[0].arguments.CopyFrom(edited.arguments)
+                inv.messages[index] = message.SerializeToString()
+                break
+        return edited
 
     def _record(self, inv: Invocation, outcome: agent_pb2.ToolCallCompleted) -> None:
         inv.results[outcome.tool_call_id] = outcome.SerializeToString()

@@ -38,7 +38,13 @@ from agentmesh.services.orchestrator.agents import (
     RunDefinition,
     load_catalog,
 )
-from agentmesh.services.orchestrator.engine import MAX_REASON_CHARS, LocalRun, RunExecution, RunManager
+from agentmesh.services.orchestrator.engine import (
+    MAX_EDITED_ARGUMENTS_BYTES,
+    MAX_REASON_CHARS,
+    LocalRun,
+    RunExecution,
+    RunManager,
+)
 from agentmesh.services.orchestrator.run import CallLimits, Calls
 from agentmesh.services.orchestrator.state import Decision, RunState
 from agentmesh.services.orchestrator.store import Journal, LeaseLost, RunKeys, RunStore
@@ -407,7 +413,18 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 raise invalid_argument(f"tool call {d.tool_call_id!r} has more than one decision")
             if len(d.reason) > MAX_REASON_CHARS:
                 raise invalid_argument(f"reason has {len(d.reason)} characters; the limit is {MAX_REASON_CHARS}")
-            out[matches[0]] = Decision(approved=d.approved, reason=d.reason)
+            arguments = None
+            if d.HasField("arguments"):
+                if not d.approved:
+                    raise invalid_argument(
+                        f"tool call {d.tool_call_id!r} is rejected: arguments go only with an approval (a rejected call does not run)"
+                    )
+                arguments = d.arguments.SerializeToString()
+                if len(arguments) > MAX_EDITED_ARGUMENTS_BYTES:
+                    raise invalid_argument(
+                        f"arguments of tool call {d.tool_call_id!r} are {len(arguments)} bytes; the limit is {MAX_EDITED_ARGUMENTS_BYTES}"
+                    )
+            out[matches[0]] = Decision(approved=d.approved, reason=d.reason, arguments=arguments)
         if missing := [p for p in pending if p not in out]:
             raise invalid_argument(
                 "every pending tool call needs a decision; missing: " + ", ".join(f"{c} ({i})" for i, c in missing)

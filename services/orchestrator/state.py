@@ -46,8 +46,13 @@ class Usage(BaseModel):
 
 
 class Decision(BaseModel):
+    model_config = _BYTES_AS_BASE64
+
     approved: bool
     reason: str = ""
+    #: The reviewer's arguments for an approved call (a serialized ``google.protobuf.Struct``);
+    #: None runs the model's.
+    arguments: bytes | None = None
 
 
 class Invocation(BaseModel):

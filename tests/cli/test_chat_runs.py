@@ -175,6 +175,37 @@ async def test_every_pending_call_needs_a_decision_and_rejections_reach_the_mode
     assert "too costly" in tool_messages[1]["content"]
 
 
+async def test_approve_with_edited_arguments(orchestrator: Orchestrator):
+    fake = orchestrator.fake
+    fake.enqueue({"tool_calls": [calc("call_e", "6*9"), calc("call_f", "1+1")]}, {"text": "It is 42."})
+    code, out, err = await agentmesh(orchestrator, "chat", "Six times seven?", "--session", "cli-5", "--agent", "guarded")
+    assert code == 0, err
+    run_id = _RUN_LINE.search(out).group(1)
+    for edit, words in (
+        ("call_e", "use CALL_ID="),
+        ("call_e={", "the arguments are not JSON"),
+        ("call_e=[1]", "the arguments must be a JSON object, not list"),
+        ('call_x={"expression": "1"}', "has no pending tool call 'call_x'"),
+    ):
+        code, _, err = await agentmesh(orchestrator, "runs", "approve", run_id, "--edit", edit)
+        assert code == 2 and words in err, (edit, err)
+    code, _, err = await agentmesh(
+        orchestrator, "runs", "approve", run_id, "call_e", "--reject", "call_f", "--edit", 'call_f={"expression": "2"}'
+    )
+    assert code == 2 and "call_f is rejected: --edit goes only with an approval" in err
+
+    code, out, err = await agentmesh(
+        orchestrator, "runs", "approve", run_id, "--edit", 'call_e={"expression": "6*7"}'
+    )
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "resumed: approved call_e (edited), approved call_f"
+    assert '→ tool calculator({"expression":"6*7"})' in lines
+    assert sorted(tool_result(x)["result"] for x in lines if x.startswith("← calculator {")) == [2, 42]  # in parallel
+    asked = next(m for m in fake.bodies[-1]["messages"] if m.get("tool_calls"))
+    assert json.loads(asked["tool_calls"][0]["function"]["arguments"]) == {"expression": "6*7"}
+
+
 async def test_reject_all_then_cancel_and_bad_names(orchestrator: Orchestrator):
     orchestrator.fake.enqueue({"tool_calls": [calc("call_r", "9*9")]}, {"tool_calls": [calc("call_s", "8*8")]})
     code, out, err = await agentmesh(orchestrator, "chat", "Square nine.", "--session", "cli-3", "--agent", "guarded")

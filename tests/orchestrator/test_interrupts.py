@@ -8,6 +8,7 @@ import json
 
 import grpc
 import pytest
+from google.protobuf import struct_pb2
 
 from agentmesh.agent.v1 import agent_pb2, agent_pb2_grpc
 from tests.orchestrator.conftest import Mesh, collect, kinds, of_kind, tenant_md
@@ -111,6 +112,51 @@ async def test_a_rejected_call_does_not_run_and_the_model_reads_why(mesh: Mesh, 
     assert result.is_error and result.error_message == "a reviewer rejected this call: no file deletion; it did not run"
     tool_message = mesh.fake.requests_of("guarded")[-1]["body"]["messages"][-1]
     assert tool_message["tool_call_id"] == "call_rm" and "no file deletion" in tool_message["content"]
+    assert resumed[-1].final.status == agent_pb2.RUN_STATUS_COMPLETED
+
+
+async def test_an_approval_with_edited_arguments_runs_the_edited_call_and_the_model_reads_it(mesh: Mesh, agent_stub):
+    mesh.require_sandbox()
+    mesh.fake.script(
+        "guarded",
+        {"tool_calls": [{"id": "call_edit", "name": "python", "arguments": {"code": "print(6 * 9)"}}]},
+        {"text": "It printed 42."},
+    )
+    request = agent_pb2.RunRequest(session_id="edit-1", input="Print six times seven.", agent="guarded")
+    paused = await collect(agent_stub.Run(request, metadata=tenant_md(), timeout=60))
+    run_id, interrupt = paused[0].started.run_id, of_kind(paused, "interrupt")[0]
+
+    def resolve(decision: agent_pb2.ToolCallDecision):
+        return agent_stub.ResolveInterrupt(
+            agent_pb2.ResolveInterruptRequest(run_id=run_id, interrupt_id=interrupt.interrupt_id, decisions=[decision]),
+            metadata=tenant_md(),
+            timeout=60,
+        )
+
+    edited = struct_pb2.Struct()
+    edited.update({"code": "print(6 * 7)"})
+    refused = [
+        (agent_pb2.ToolCallDecision(tool_call_id="call_edit", approved=False, arguments=edited),
+         "arguments go only with an approval"),
+        (agent_pb2.ToolCallDecision(tool_call_id="call_edit", approved=True,
+                                    arguments=struct_pb2.Struct(fields={"code": struct_pb2.Value(string_value="x" * 70_000)})),
+         "the limit is 65536"),
+    ]
+    for decision, words in refused:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await collect(resolve(decision))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in info.value.details()
+
+    resumed = await collect(resolve(agent_pb2.ToolCallDecision(tool_call_id="call_edit", approved=True, arguments=edited)))
+    (started,) = of_kind(resumed, "tool_call")
+    assert started.tool_call.id == "call_edit" and started.tool_call.arguments["code"] == "print(6 * 7)"
+    (result,) = of_kind(resumed, "tool_result")
+    assert not result.is_error and result.output.struct_value["stdout"] == "42\n"
+    assert resumed[0].interrupt_resolved.decisions[0].arguments == edited
+    # The model reads the call as it ran, then its result.
+    *_, asked, answered = mesh.fake.requests_of("guarded")[-1]["body"]["messages"]
+    assert json.loads(asked["tool_calls"][0]["function"]["arguments"]) == {"code": "print(6 * 7)"}
+    assert answered["tool_call_id"] == "call_edit" and json.loads(answered["content"])["stdout"] == "42\n"
     assert resumed[-1].final.status == agent_pb2.RUN_STATUS_COMPLETED
 
 

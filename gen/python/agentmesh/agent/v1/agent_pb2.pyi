@@ -309,16 +309,18 @@ class RunInterrupted(_message.Message):
     def __init__(self, interrupt_id: _Optional[str] = ..., approvals: _Optional[_Iterable[_Union[ApprovalRequest, _Mapping]]] = ...) -> None: ...
 
 class ToolCallDecision(_message.Message):
-    __slots__ = ("tool_call_id", "approved", "reason", "invocation_id")
+    __slots__ = ("tool_call_id", "approved", "reason", "invocation_id", "arguments")
     TOOL_CALL_ID_FIELD_NUMBER: _ClassVar[int]
     APPROVED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     INVOCATION_ID_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
     tool_call_id: str
     approved: bool
     reason: str
     invocation_id: str
-    def __init__(self, tool_call_id: _Optional[str] = ..., approved: _Optional[bool] = ..., reason: _Optional[str] = ..., invocation_id: _Optional[str] = ...) -> None: ...
+    arguments: _struct_pb2.Struct
+    def __init__(self, tool_call_id: _Optional[str] = ..., approved: _Optional[bool] = ..., reason: _Optional[str] = ..., invocation_id: _Optional[str] = ..., arguments: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class InterruptResolved(_message.Message):
     __slots__ = ("interrupt_id", "decisions")

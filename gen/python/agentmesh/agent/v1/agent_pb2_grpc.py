@@ -104,8 +104,9 @@ class AgentServiceServicer:
 
     def ResolveInterrupt(self, request, context):
         """ResolveInterrupt approves or rejects the tool calls a paused run waits for (every pending
-        call needs a decision) and streams the run from there, like Run. Approved calls run; a
-        rejected call's result tells the model it was rejected, and why. Works on any replica, also
+        call needs a decision) and streams the run from there, like Run. Approved calls run, with
+        the reviewer's edited arguments when a decision has them; a rejected call's result tells
+        the model it was rejected, and why. Works on any replica, also
         after the one that paused the run restarted. NOT_FOUND, INVALID_ARGUMENT (a decision missing,
         unknown or given twice), FAILED_PRECONDITION (the run is not waiting for this interrupt).
         """
