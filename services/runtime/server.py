@@ -67,8 +67,9 @@ class Service:
 
 
 def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
-    """Channel arguments that make the server's limits explicit."""
-    return [
+    """Channel arguments that make the server's limits explicit, and its connection age (see
+    ``ServiceSettings.max_connection_age_s``)."""
+    options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
@@ -77,6 +78,11 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
+    if settings.max_connection_age_s > 0:
+        options.append(("grpc.max_connection_age_ms", round(settings.max_connection_age_s * 1000)))
+        if settings.max_connection_age_grace_s > 0:
+            options.append(("grpc.max_connection_age_grace_ms", round(settings.max_connection_age_grace_s * 1000)))
+    return options
 
 
 async def serve(service: Service, *, stop_event: asyncio.Event | None = None, handle_signals: bool = True) -> None:

@@ -52,6 +52,19 @@ class ServiceSettings(BaseSettings):
         description="A call whose remaining deadline is shorter than this is refused with "
         "DEADLINE_EXCEEDED before any work starts.",
     )
+    max_connection_age_s: float = Field(
+        300.0,
+        ge=0,
+        description="Seconds after which the server asks a client to move to a new connection "
+        "(HTTP/2 GOAWAY; gRPC's MAX_CONNECTION_AGE, gRFC A9, +-10 % jitter), so callers re-resolve "
+        "DNS and spread over replicas added since; 0 = never.",
+    )
+    max_connection_age_grace_s: float = Field(
+        3600.0,
+        ge=0,
+        description="How long calls in flight on a connection past its age may still run before "
+        "it is closed (long streams: agent runs, generations, session watches); 0 = no limit.",
+    )
     readiness_interval_s: float = Field(
         1.0, gt=0, description="How often the readiness probe behind grpc.health.v1 runs, in seconds."
     )
@@ -73,7 +86,9 @@ class ServiceSettings(BaseSettings):
 
 
 class MeshSettings(BaseSettings):
-    """Where the services are. Each address is ``host:port`` of a gRPC server."""
+    """Where the services are. Each address is a gRPC target: ``host:port``, ``dns:///name:port``
+    (every address the name resolves to) or ``ipv4:host:port,host:port`` (several replicas);
+    calls are balanced over them (:mod:`~agentmesh.services.runtime.clients`)."""
 
     model_config = SettingsConfigDict(env_prefix="AGENTMESH_", extra="ignore")
 

@@ -317,8 +317,12 @@ def test_the_rendered_settings_are_accepted_by_the_service(manifests, kind, monk
         variable = f"AGENTMESH_{callee.upper()}_ADDRESS"
         if variable not in env:
             continue
-        host, _, callee_port = getattr(mesh, f"{callee}_address").rpartition(":")
+        # A dns:/// target naming the headless Service: the channel balances over every ready pod.
+        target = getattr(mesh, f"{callee}_address")
+        assert target.startswith("dns:///"), target
+        host, _, callee_port = target.removeprefix("dns:///").rpartition(":")
         service = manifests.get("Service", host)
+        assert service["spec"]["clusterIP"] == "None"
         assert [p["port"] for p in service["spec"]["ports"]] == [int(callee_port)]
         assert service["spec"]["selector"]["app.kubernetes.io/component"] == callee
 

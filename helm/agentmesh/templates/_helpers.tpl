@@ -146,11 +146,17 @@ Argument: (list $ "orchestrator"); returns YAML (use with fromYaml).
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
-{{/* host:port clients use for a service (its ClusterIP Service). Argument: (list $ "llm"). */}}
+{{/*
+gRPC target the other services call a service at: the DNS name of its headless Service (short:
+the pod's resolv.conf search list finds it in the release's namespace, as for the gateway), so each
+channel resolves every ready pod and balances calls over them (round_robin; servers close
+connections after maxConnectionAge, so callers re-resolve and reach pods the HPA added). A
+ClusterIP would pin each caller's one HTTP/2 connection to one pod. Argument: (list $ "llm").
+*/}}
 {{- define "agentmesh.address" -}}
 {{- $root := index . 0 }}
 {{- $kind := index . 1 }}
-{{- printf "%s:%v" (include "agentmesh.componentName" (list $root $kind)) (index $root.Values $kind "port") }}
+{{- printf "dns:///%s-headless:%v" (include "agentmesh.componentName" (list $root $kind)) (index $root.Values $kind "port") }}
 {{- end }}
 
 {{/* terminationGracePeriodSeconds of a component. Argument: the component's values. */}}
