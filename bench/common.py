@@ -7,6 +7,7 @@ import gc
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,7 +68,8 @@ def print_table(title: str, rows: list[dict[str, Any]], columns: Sequence[str] |
         table.add_column(col, justify="right")
     for row in rows:
         table.add_row(*(_fmt(row.get(col, "")) for col in columns))
-    Console().print(table)
+    # Into a log (not a terminal) rich would cut wide tables to 80 columns.
+    Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 220).print(table)
 
 
 def _fmt(value: Any) -> str:

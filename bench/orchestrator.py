@@ -32,7 +32,9 @@ was busy with other runs. The table also gives the orchestrator's CPU time per s
 / steps, so per-run work such as memory load/append and the run's first and last checkpoints is
 spread over the steps), its Redis commands and Lua script calls (EVALSHA: one per write of
 events and/or a checkpoint, plus lease renewals) per step, and the client-observed run time. Under load all of these include waiting for a share of the two cores,
-which the clients, the fake, the router, the tool and memory services and Redis also use.
+which the clients, the fake, the router, the tool and memory services and Redis also use: so the
+rows also give the CPU per step of every process together (``all_cpu_ms_per_step``, by process in
+the JSON), the cores that keeps busy, and how busy the whole machine was (``machine_busy_pct``).
 
 Target (issue 6): overhead <= 3 ms per step at p50.
 """
@@ -152,6 +154,17 @@ async def level(stub: agent_pb2_grpc.AgentServiceStub, concurrency: int, seconds
     }
 
 
+def _cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
+    """User + system CPU seconds of each process so far (0 for one that is gone)."""
+    out = {}
+    for name, process in processes.items():
+        try:
+            out[name] = sum(process.cpu_times()[:2])
+        except psutil.Error:
+            out[name] = 0.0
+    return out
+
+
 async def bench(seconds: float) -> dict:
     load_at_start = os.getloadavg()
     root = Path(tempfile.mkdtemp(prefix="bench-orchestrator-"))
@@ -201,6 +214,10 @@ async def bench(seconds: float) -> dict:
         address = f"127.0.0.1:{ports['orchestrator']}"
         await wait_ready(address, orchestrator, health=False)
         server = psutil.Process(orchestrator.pid)
+        # Every process of the benchmark shares the machine's cores: their CPU shows how busy it is.
+        meters = {"load generator (this)": psutil.Process()}
+        for proc in procs:
+            meters[proc.name if proc.name not in meters else f"{proc.name}-{proc.pid}"] = psutil.Process(proc.pid)
         rows = []
         async with grpc.aio.insecure_channel(address) as channel:
             stub = agent_pb2_grpc.AgentServiceStub(channel)
@@ -210,9 +227,15 @@ async def bench(seconds: float) -> dict:
                 raise RuntimeError(f"the check run did not make {STEPS_PER_RUN} steps: {events[-1]}")
             for concurrency in CONCURRENCY:
                 cpu_before = sum(server.cpu_times()[:2])
+                all_before, machine_before = _cpu_seconds(meters), psutil.cpu_times()
                 runs_redis.config_resetstat()
                 result = await level(stub, concurrency, seconds)
                 cpu_s = sum(server.cpu_times()[:2]) - cpu_before
+                all_cpu = {name: cpu - all_before[name] for name, cpu in _cpu_seconds(meters).items()}
+                machine_after = psutil.cpu_times()
+                machine_busy = (sum(machine_after) - machine_after.idle - machine_after.iowait) - (
+                    sum(machine_before) - machine_before.idle - machine_before.iowait)
+                machine_total = sum(machine_after) - sum(machine_before)
                 commands = runs_redis.info("commandstats")
                 # CPU of the warm-up's steps too: spread over every step made in the level.
                 all_steps = result["steps"] * (seconds + WARMUP_S) / seconds
@@ -229,6 +252,13 @@ async def bench(seconds: float) -> dict:
                     "model_p50_ms": result["model"].get("p50_ms"),
                     "tools_p50_ms": result["tools"].get("p50_ms"),
                     "cpu_ms_per_step": round(cpu_s * 1000 / max(1.0, all_steps), 3),
+                    # Every process (mesh, fake model, Redis, this load generator), per step.
+                    "all_cpu_ms_per_step": round(sum(all_cpu.values()) * 1000 / max(1.0, all_steps), 3),
+                    "cpu_ms_per_step_by_process": {
+                        name: round(cpu * 1000 / max(1.0, all_steps), 3) for name, cpu in all_cpu.items()
+                    },
+                    "cores_busy": round(sum(all_cpu.values()) / (seconds + WARMUP_S), 2),
+                    "machine_busy_pct": round(100 * machine_busy / machine_total, 1) if machine_total else None,
                     "redis_commands_per_step": round(redis_calls / max(1.0, all_steps), 2),
                     "redis_scripts_per_step": round(scripts / max(1.0, all_steps), 2),
                     "run_p50_ms": r.get("p50_ms"),
@@ -238,7 +268,9 @@ async def bench(seconds: float) -> dict:
                 }
                 rows.append(row)
                 print(f"{concurrency} runs: overhead p50 {o.get('p50_ms')} ms, p99 {o.get('p99_ms')} ms per step; "
-                      f"{result['steps_per_s']} steps/s; CPU {row['cpu_ms_per_step']} ms/step; "
+                      f"{result['steps_per_s']} steps/s; CPU {row['cpu_ms_per_step']} ms/step "
+                      f"({row['all_cpu_ms_per_step']} ms/step all processes, {row['cores_busy']} cores, "
+                      f"machine {row['machine_busy_pct']} % busy); "
                       f"Redis {row['redis_scripts_per_step']} scripts / {row['redis_commands_per_step']} commands "
                       "per step", flush=True)
         orchestrator_rss = rss_mb(orchestrator.pid)
@@ -247,8 +279,8 @@ async def bench(seconds: float) -> dict:
         for proc in reversed(procs):
             proc.stop()
     columns = ["concurrent_runs", "steps", "steps_per_s", "overhead_p50_ms", "overhead_p99_ms", "step_p50_ms",
-               "model_p50_ms", "tools_p50_ms", "cpu_ms_per_step", "redis_scripts_per_step", "run_p50_ms", "run_p99_ms",
-               "errors"]
+               "model_p50_ms", "tools_p50_ms", "cpu_ms_per_step", "all_cpu_ms_per_step", "machine_busy_pct",
+               "redis_scripts_per_step", "run_p50_ms", "run_p99_ms", "errors"]
     print_table(f"orchestrator overhead per step ({STEPS_PER_RUN} steps per run)", rows, columns)
     plot_latency("orchestrator", {
         "overhead p50": [(r["concurrent_runs"], r["overhead_p50_ms"]) for r in rows],
