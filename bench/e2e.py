@@ -54,7 +54,8 @@ Figures:
   window; errors by status;
 - CPU time per completed run of every process over the measured window (``psutil`` user +
   system; a mesh process with its children), and the share of a core: on 2 shared cores, where
-  the time goes is as telling as the latency;
+  the time goes is as telling as the latency; with the cores all of them keep busy and the share
+  of the machine's two cores in use (``machine_busy_pct``: queueing grows steeply near 100 %);
 - where the added TTFT goes, per run, from the spans of each traced run (the client sends its own
   sampled W3C ``traceparent`` and keeps its wall-clock send and first-token times; all processes
   share the machine's clock): client → Envoy, Envoy → orchestrator, orchestrator work before
@@ -266,6 +267,8 @@ class Level:
     #: The message of the first error of each kind.
     error_examples: dict[str, str] = field(default_factory=dict)
     cpu_s: dict[str, float] = field(default_factory=dict)
+    #: Share of both cores in use during the measured window (all processes of the machine).
+    machine_busy_pct: float | None = None
 
 
 Call = Callable[[int], Awaitable[Sample]]
@@ -398,8 +401,16 @@ class CpuMeter:
 
     def start(self) -> None:
         self.before = {name: self._cpu(name) for name in self.processes}
+        self.machine_before = psutil.cpu_times()
 
     def stop(self) -> dict[str, float]:
+        """CPU seconds of each process since :meth:`start`; ``busy_pct`` is then the share of
+        all the machine's cores in use over the interval (every process, ours or not)."""
+        after = psutil.cpu_times()
+        busy = (sum(after) - after.idle - after.iowait) - (
+            sum(self.machine_before) - self.machine_before.idle - self.machine_before.iowait)
+        total = sum(after) - sum(self.machine_before)
+        self.busy_pct = round(100 * busy / total, 1) if total > 0 else None
         return {name: round(self._cpu(name) - self.before[name], 3) for name in self.processes}
 
 
@@ -444,6 +455,7 @@ async def closed_loop(call: Call, level: Level, warmup_s: float, measure_s: floa
                                         f"{sum(level.errors.values())} errors")
             await asyncio.sleep(0.25)
         level.cpu_s = meter.stop() if measuring else {}
+        level.machine_busy_pct = meter.busy_pct if measuring else None
         level.window_s = measure_s
         progress.update(task, completed=warmup_s + measure_s, description=f"{level.kind} x{level.concurrency}: draining")
         done, pending = await asyncio.wait(workers, timeout=DRAIN_S)
@@ -707,6 +719,8 @@ def _level_row(level: Level, direct: Level | None) -> dict:
     completed = max(1, level.completed_in_window)
     row["cpu_ms_per_run"] = {name: round(cpu * 1000 / completed, 2) for name, cpu in level.cpu_s.items()}
     row["cpu_cores"] = {name: round(cpu / level.window_s, 2) for name, cpu in level.cpu_s.items()} if level.window_s else {}
+    row["cores_busy"] = round(sum(row["cpu_cores"].values()), 2)
+    row["machine_busy_pct"] = level.machine_busy_pct
     row["errors_by_kind"] = dict(level.errors)
     row["error_examples"] = level.error_examples
     row["ttft_stats"], row["itl_stats"] = ttft, itl
@@ -826,7 +840,8 @@ async def levels_main(args: argparse.Namespace) -> None:
                 ["kind", "concurrency", "streams", "completed_per_s", "errors", "ttft_p50_ms", "ttft_p99_ms",
                  "added_ttft_p50_ms", "added_ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "added_itl_p50_ms",
                  "added_itl_p99_ms"])
-    cpu_rows = [{"kind": r["kind"], "concurrency": r["concurrency"], **r["cpu_ms_per_run"]} for r in rows]
+    cpu_rows = [{"kind": r["kind"], "concurrency": r["concurrency"], **r["cpu_ms_per_run"],
+                 "cores busy": r["cores_busy"], "machine busy %": r["machine_busy_pct"]} for r in rows]
     print_table("CPU ms per completed stream (user + system)", cpu_rows)
     for key, b in breakdowns.items():
         if b.get("hops") and key.endswith(f"@{TARGET_LEVEL}"):
