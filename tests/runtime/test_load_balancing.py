@@ -52,9 +52,17 @@ async def test_a_downstream_channel_balances_calls_over_every_replica_of_its_tar
     downstream = Downstream(MeshSettings(memory_address=f"ipv4:127.0.0.1:{port_one},127.0.0.1:{port_two}"))
     try:
         stub = health_pb2_grpc.HealthStub(downstream.channel("memory"))
+        # round_robin sends calls only to replicas it is connected to: until both connections are
+        # up (a slow machine may take a few calls), the first one gets them all.
+        for _ in range(200):
+            await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            if calls["one"] and calls["two"]:
+                break
+        assert calls["one"] and calls["two"], calls
+        calls.clear()
         for _ in range(20):
             await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
-        # round_robin over both ready replicas (pick_first would send all 20 to one).
+        # Both connected: the calls alternate (pick_first would send all 20 to one).
         assert calls["one"] + calls["two"] == 20 and min(calls["one"], calls["two"]) >= 8, calls
         # One replica gone: every call goes to the other, none fails.
         await two.stop(None)
