@@ -23,9 +23,12 @@ bench/orchestrator.py).
 
 from __future__ import annotations
 
+import json
+
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from agentmesh.client.config import RetryPolicy
 from agentmesh.llm.v1 import llm_pb2_grpc
 from agentmesh.memory.v1 import memory_pb2_grpc
 from agentmesh.retrieval.v1 import retrieval_pb2_grpc
@@ -34,14 +37,20 @@ from agentmesh.tools.v1 import tools_pb2_grpc
 
 
 def channel_options(max_message_bytes: int = 4 * 1024 * 1024) -> list[tuple[str, int | str]]:
-    """Channel arguments of every call between services: message limits, keepalive, and the
-    ``round_robin`` load-balancing policy (each call to the next ready address)."""
+    """Channel arguments of every call between services: message limits, keepalive, the
+    ``round_robin`` load-balancing policy (each call to the next ready address), and gRPC's
+    retry policy for the idempotent methods — the client package's (``agentmesh.client``
+    :data:`~agentmesh.client.config.IDEMPOTENT_METHODS`, UNAVAILABLE only, within the call's
+    deadline): a read that reached a replica as it died is sent again, and round_robin gives it
+    to another one. Streams and other writes are never re-sent."""
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.lb_policy_name", "round_robin"),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", json.dumps(RetryPolicy().service_config())),
     ]
 
 

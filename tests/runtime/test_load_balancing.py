@@ -4,7 +4,8 @@ Real grpc.aio servers on loopback: a downstream channel (``runtime.clients``) to
 two replicas sends successive calls to both (``round_robin``), and a server configured with a
 connection age (``runtime.server.server_options``) makes a busy client open new connections —
 what lets callers re-resolve DNS and reach replicas an autoscaler added — while a stream that
-outlives the age keeps working within the grace period.
+outlives the age keeps working within the grace period. A read that fails UNAVAILABLE (a replica
+dying under it) is sent again; a write without an idempotency key is not.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from agentmesh.memory.v1 import memory_pb2, memory_pb2_grpc
 from agentmesh.services.runtime.clients import Downstream, channel_options
 from agentmesh.services.runtime.server import server_options
 from agentmesh.services.runtime.settings import MeshSettings, ServiceSettings
@@ -97,4 +99,42 @@ async def test_the_connection_age_moves_a_busy_client_to_new_connections_and_spa
             assert (await asyncio.wait_for(watch.read(), 5)).status == health_pb2.HealthCheckResponse.SERVING
             watch.cancel()
     finally:
+        await server.stop(None)
+
+
+class FlakyMemory(memory_pb2_grpc.MemoryServiceServicer):
+    """Answers every method's first call with UNAVAILABLE, as a replica dying under it would."""
+
+    def __init__(self):
+        self.attempts: Counter = Counter()
+
+    async def _once(self, method: str, context, reply):
+        self.attempts[method] += 1
+        if self.attempts[method] == 1:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "replica going away")
+        return reply
+
+    async def GetContext(self, request, context):  # noqa: N802 - the gRPC method names
+        return await self._once("GetContext", context, memory_pb2.GetContextResponse(version=7))
+
+    async def DeleteSession(self, request, context):  # noqa: N802
+        return await self._once("DeleteSession", context, memory_pb2.DeleteSessionResponse(existed=True))
+
+
+async def test_idempotent_reads_are_retried_on_unavailable_and_other_writes_are_not():
+    server = grpc.aio.server()
+    flaky = FlakyMemory()
+    memory_pb2_grpc.add_MemoryServiceServicer_to_server(flaky, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    downstream = Downstream(MeshSettings(memory_address=f"127.0.0.1:{port}"))
+    try:
+        memory = downstream.memory
+        reply = await memory.GetContext(memory_pb2.GetContextRequest(session_id="s"), timeout=10)
+        assert reply.version == 7 and flaky.attempts["GetContext"] == 2
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await memory.DeleteSession(memory_pb2.DeleteSessionRequest(session_id="s"), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and flaky.attempts["DeleteSession"] == 1
+    finally:
+        await downstream.close()
         await server.stop(None)
