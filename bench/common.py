@@ -3,6 +3,7 @@ JSON result file and the plot. Benchmarks report figures; they assert nothing (t
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -109,3 +110,42 @@ def plot_latency(name: str, series: dict[str, list[tuple[float, float]]], xlabel
     plt.close(fig)
     print(f"wrote {path}")
     return path
+
+
+class CpuMeter:
+    """CPU time (user + system) of named processes over an interval, and how busy the whole
+    machine was. A process counts its live children (a Milvus Lite server, a tool sandbox) unless
+    it is in ``own_only`` (the load generator: the mesh's processes are its children)."""
+
+    def __init__(self, processes: dict[str, psutil.Process], own_only: set[str]):
+        self.processes = processes
+        self.own_only = own_only
+        self.before: dict[str, float] = {}
+
+    def _cpu(self, name: str) -> float:
+        p = self.processes[name]
+        total = 0.0
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
+            if name in self.own_only:
+                return total
+            for child in p.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    c = child.cpu_times()
+                    total += c.user + c.system
+        return total
+
+    def start(self) -> None:
+        self.before = {name: self._cpu(name) for name in self.processes}
+        self.machine_before = psutil.cpu_times()
+
+    def stop(self) -> dict[str, float]:
+        """CPU seconds of each process since :meth:`start`; ``busy_pct`` is then the share of
+        all the machine's cores in use over the interval (every process, ours or not)."""
+        after = psutil.cpu_times()
+        busy = (sum(after) - after.idle - after.iowait) - (
+            sum(self.machine_before) - self.machine_before.idle - self.machine_before.iowait)
+        total = sum(after) - sum(self.machine_before)
+        self.busy_pct = round(100 * busy / total, 1) if total > 0 else None
+        return {name: round(self._cpu(name) - self.before[name], 3) for name in self.processes}

@@ -115,7 +115,7 @@ from agentmesh.services.cli.processes import Proc, free_port, port_is_open, spaw
 from agentmesh.services.llm.providers.base import ProviderError, SSEParser
 from agentmesh.services.llm.providers.http import LeanTransport
 from agentmesh.services.retrieval.corpus import stdlib_documents
-from bench.common import RESULTS_DIR, freeze_gc, latency_stats, print_table, write_json
+from bench.common import RESULTS_DIR, CpuMeter, freeze_gc, latency_stats, print_table, write_json
 
 FIRST_TOKEN_MS = 50.0
 TOKEN_MS = 20.0
@@ -373,45 +373,6 @@ def _error_name(exc: BaseException) -> str:
 
 def _error_message(exc: BaseException) -> str:
     return (exc.details() or "" if isinstance(exc, grpc.aio.AioRpcError) else str(exc))[:300]
-
-
-class CpuMeter:
-    """CPU time (user + system) of named processes over an interval. A mesh process counts its
-    live children (a Milvus Lite server, a tool sandbox); the load generator, the collector and
-    the fake do not (the mesh's processes are this process's children)."""
-
-    def __init__(self, processes: dict[str, psutil.Process], own_only: set[str]):
-        self.processes = processes
-        self.own_only = own_only
-        self.before: dict[str, float] = {}
-
-    def _cpu(self, name: str) -> float:
-        p = self.processes[name]
-        total = 0.0
-        with contextlib.suppress(psutil.Error):
-            t = p.cpu_times()
-            total += t.user + t.system
-            if name in self.own_only:
-                return total
-            for child in p.children(recursive=True):
-                with contextlib.suppress(psutil.Error):
-                    c = child.cpu_times()
-                    total += c.user + c.system
-        return total
-
-    def start(self) -> None:
-        self.before = {name: self._cpu(name) for name in self.processes}
-        self.machine_before = psutil.cpu_times()
-
-    def stop(self) -> dict[str, float]:
-        """CPU seconds of each process since :meth:`start`; ``busy_pct`` is then the share of
-        all the machine's cores in use over the interval (every process, ours or not)."""
-        after = psutil.cpu_times()
-        busy = (sum(after) - after.idle - after.iowait) - (
-            sum(self.machine_before) - self.machine_before.idle - self.machine_before.iowait)
-        total = sum(after) - sum(self.machine_before)
-        self.busy_pct = round(100 * busy / total, 1) if total > 0 else None
-        return {name: round(self._cpu(name) - self.before[name], 3) for name in self.processes}
 
 
 async def closed_loop(call: Call, level: Level, warmup_s: float, measure_s: float, progress: Progress,

@@ -58,7 +58,7 @@ import redis
 from agentmesh.agent.v1 import agent_pb2, agent_pb2_grpc
 from agentmesh.services.cli.processes import Proc, free_port, spawn, start_redis
 from agentmesh.services.runtime.clients import check_health
-from bench.common import freeze_gc, latency_stats, plot_latency, print_table, rss_mb, write_json
+from bench.common import CpuMeter, freeze_gc, latency_stats, plot_latency, print_table, rss_mb, write_json
 
 CONCURRENCY = (1, 16, 64)
 STEPS_PER_RUN = 4
@@ -154,17 +154,6 @@ async def level(stub: agent_pb2_grpc.AgentServiceStub, concurrency: int, seconds
     }
 
 
-def _cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
-    """User + system CPU seconds of each process so far (0 for one that is gone)."""
-    out = {}
-    for name, process in processes.items():
-        try:
-            out[name] = sum(process.cpu_times()[:2])
-        except psutil.Error:
-            out[name] = 0.0
-    return out
-
-
 async def bench(seconds: float) -> dict:
     load_at_start = os.getloadavg()
     root = Path(tempfile.mkdtemp(prefix="bench-orchestrator-"))
@@ -215,9 +204,11 @@ async def bench(seconds: float) -> dict:
         await wait_ready(address, orchestrator, health=False)
         server = psutil.Process(orchestrator.pid)
         # Every process of the benchmark shares the machine's cores: their CPU shows how busy it is.
-        meters = {"load generator (this)": psutil.Process()}
+        this = "load generator (this)"
+        processes = {this: psutil.Process()}
         for proc in procs:
-            meters[proc.name if proc.name not in meters else f"{proc.name}-{proc.pid}"] = psutil.Process(proc.pid)
+            processes[proc.name if proc.name not in processes else f"{proc.name}-{proc.pid}"] = psutil.Process(proc.pid)
+        meter = CpuMeter(processes, own_only={this})
         rows = []
         async with grpc.aio.insecure_channel(address) as channel:
             stub = agent_pb2_grpc.AgentServiceStub(channel)
@@ -227,15 +218,11 @@ async def bench(seconds: float) -> dict:
                 raise RuntimeError(f"the check run did not make {STEPS_PER_RUN} steps: {events[-1]}")
             for concurrency in CONCURRENCY:
                 cpu_before = sum(server.cpu_times()[:2])
-                all_before, machine_before = _cpu_seconds(meters), psutil.cpu_times()
+                meter.start()
                 runs_redis.config_resetstat()
                 result = await level(stub, concurrency, seconds)
                 cpu_s = sum(server.cpu_times()[:2]) - cpu_before
-                all_cpu = {name: cpu - all_before[name] for name, cpu in _cpu_seconds(meters).items()}
-                machine_after = psutil.cpu_times()
-                machine_busy = (sum(machine_after) - machine_after.idle - machine_after.iowait) - (
-                    sum(machine_before) - machine_before.idle - machine_before.iowait)
-                machine_total = sum(machine_after) - sum(machine_before)
+                all_cpu = meter.stop()
                 commands = runs_redis.info("commandstats")
                 # CPU of the warm-up's steps too: spread over every step made in the level.
                 all_steps = result["steps"] * (seconds + WARMUP_S) / seconds
@@ -258,7 +245,7 @@ async def bench(seconds: float) -> dict:
                         name: round(cpu * 1000 / max(1.0, all_steps), 3) for name, cpu in all_cpu.items()
                     },
                     "cores_busy": round(sum(all_cpu.values()) / (seconds + WARMUP_S), 2),
-                    "machine_busy_pct": round(100 * machine_busy / machine_total, 1) if machine_total else None,
+                    "machine_busy_pct": meter.busy_pct,
                     "redis_commands_per_step": round(redis_calls / max(1.0, all_steps), 2),
                     "redis_scripts_per_step": round(scripts / max(1.0, all_steps), 2),
                     "run_p50_ms": r.get("p50_ms"),
